@@ -1,0 +1,3 @@
+"""scion: train small LLaMA-family language models end to end."""
+
+__version__ = "0.1.0"

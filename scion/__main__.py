@@ -1,0 +1,5 @@
+import sys
+
+from scion.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,282 @@
+"""Checkpoints: the full training state, written atomically, verified when read.
+
+A checkpoint is a folder `RUN_DIR/checkpoints/step-00000200` (milestones add the tokens seen:
+`step-00001000-2.05M-tokens`) holding:
+    model.safetensors   the weights
+    optimizer.pt        optimizer state (tensors and numbers only; read with weights_only=True)
+    rng.pt              torch RNG states
+    trainer.json        step, tokens seen, sampler position, model config, world size, ...
+    checksums.json      SHA-256 of every file above; written last, it marks the folder complete
+
+Writing happens in a hidden temporary folder that is renamed into place only when complete, so
+a crash mid-save never leaves a folder that looks like a checkpoint. Nothing here executes code
+from a file: weights are safetensors, the rest is JSON or tensors read with weights_only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from scion.errors import ScionError
+
+NAME = re.compile(r"^step-(\d{8})(-.+-tokens)?$")
+COMPLETE = "checksums.json"
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    path: Path
+    step: int
+    milestone: bool
+
+
+def checkpoint_name(step: int, tokens: int, milestone: bool) -> str:
+    if not milestone:
+        return f"step-{step:08d}"
+    return f"step-{step:08d}-{human_tokens(tokens)}-tokens"
+
+
+def human_tokens(n: int) -> str:
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g}{unit}"
+    return str(n)
+
+
+def list_checkpoints(run_dir: str | Path) -> list[CheckpointRef]:
+    """Complete checkpoints of a run (those with a completion marker), oldest first."""
+    folder = Path(run_dir) / "checkpoints"
+    refs = []
+    if folder.is_dir():
+        for p in folder.iterdir():
+            m = NAME.match(p.name)
+            if m and p.is_dir() and (p / COMPLETE).is_file():
+                refs.append(CheckpointRef(p, int(m.group(1)), m.group(2) is not None))
+    return sorted(refs, key=lambda r: (r.step, r.milestone))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The weights to save: tied weights appear once (under the embedding's name)."""
+    state, seen = {}, set()
+    for name, tensor in model.state_dict().items():
+        key = (tensor.data_ptr(), tensor.shape, tensor.dtype)
+        if tensor.device.type != "meta" and key in seen:
+            continue
+        seen.add(key)
+        state[name] = tensor.detach().to("cpu").contiguous()
+    return state
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    tokens: int,
+    model_weights: dict[str, torch.Tensor],
+    optimizer_state: dict | None,
+    trainer_state: dict,
+    milestone: bool = False,
+    extra_files: dict[str, Path] | None = None,
+) -> Path:
+    """Write a checkpoint atomically and return its folder."""
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / checkpoint_name(step, tokens, milestone)
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        save_file(model_weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if optimizer_state is not None:
+            torch.save(optimizer_state, tmp / "optimizer.pt")
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        torch.save(rng, tmp / "rng.pt")
+        (tmp / "trainer.json").write_text(json.dumps({**trainer_state, "step": step, "tokens": tokens}, indent=1))
+        for name, src in (extra_files or {}).items():
+            dst = tmp / name
+            if src.is_dir():
+                shutil.copytree(src, dst)
+            else:
+                shutil.copy2(src, dst)
+        sums = {}
+        for f in sorted(tmp.rglob("*")):
+            if f.is_file():
+                with open(f, "rb+") as fh:
+                    os.fsync(fh.fileno())
+                sums[str(f.relative_to(tmp))] = _sha256(f)
+        marker = tmp / COMPLETE
+        marker.write_text(json.dumps(sums, indent=1))
+        with open(marker, "rb+") as fh:
+            os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+        if final.exists():  # the same step saved again (a resumed run re-reaching it)
+            old = root / f".old-{final.name}-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(root)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise ScionError(
+                f"{final}: could not save the checkpoint ({e.strerror or e}); the previous checkpoints "
+                "are untouched. Free disk space or fix permissions, then resume"
+            ) from e
+        raise
+    return final
+
+
+def verify_checkpoint(path: str | Path) -> str | None:
+    """None when every file matches its recorded checksum, else what is wrong."""
+    path = Path(path)
+    try:
+        sums = json.loads((path / COMPLETE).read_text())
+    except FileNotFoundError:
+        return "incomplete (no checksums.json)"
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return "checksums.json is corrupted"
+    if not isinstance(sums, dict) or "model.safetensors" not in sums:
+        return "checksums.json does not list the weights"
+    for name, digest in sums.items():
+        f = path / name
+        if not f.resolve().is_relative_to(path.resolve()):
+            return f"checksums.json names {name!r} outside the checkpoint"
+        if not f.is_file():
+            return f"{name} is missing"
+        if _sha256(f) != digest:
+            return f"{name} does not match its checksum (truncated or modified)"
+    return None
+
+
+def find_resumable(run_dir: str | Path, verify: bool = True, warn=print) -> CheckpointRef | None:
+    """The newest checkpoint that verifies; broken newer ones are reported and skipped."""
+    for ref in reversed(list_checkpoints(run_dir)):
+        problem = verify_checkpoint(ref.path) if verify else None
+        if problem is None:
+            return ref
+        warn(f"warning: skipping checkpoint {ref.path}: {problem}")
+    return None
+
+
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    f = Path(path) / "model.safetensors" if Path(path).is_dir() else Path(path)
+    try:
+        return load_file(str(f))
+    except FileNotFoundError as e:
+        raise ScionError(f"{f}: no weights found") from e
+    except (SafetensorError, OSError) as e:
+        raise ScionError(f"{f}: unreadable weights ({e}); use an earlier checkpoint") from e
+
+
+def load_into(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: str | Path) -> None:
+    """Copy weights into a model, naming exactly what does not fit."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in weights and not _is_tied_alias(model, k)]
+    unexpected = [k for k in weights if k not in expected]
+    wrong = [k for k, v in weights.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
+    if missing or unexpected or wrong:
+        detail = "; ".join(
+            part for part in (
+                f"missing {', '.join(missing[:3])}" if missing else "",
+                f"unexpected {', '.join(unexpected[:3])}" if unexpected else "",
+                f"shape of {wrong[0]} is {tuple(weights[wrong[0]].shape)}, the model wants "
+                f"{tuple(expected[wrong[0]].shape)}" if wrong else "",
+            ) if part
+        )
+        raise ScionError(f"{source}: weights do not fit this model architecture ({detail})")
+    with torch.no_grad():
+        for k, v in weights.items():
+            expected[k].copy_(v)
+
+
+def _is_tied_alias(model: torch.nn.Module, key: str) -> bool:
+    return key == "lm_head.weight" and getattr(getattr(model, "cfg", None), "tie_embeddings", False)
+
+
+def load_trainer_state(path: str | Path) -> dict:
+    f = Path(path) / "trainer.json"
+    try:
+        return json.loads(f.read_text())
+    except (FileNotFoundError, json.JSONDecodeError) as e:
+        raise ScionError(f"{f}: missing or not valid JSON; use an earlier checkpoint") from e
+
+
+def load_optimizer_state(path: str | Path) -> dict:
+    f = Path(path) / "optimizer.pt"
+    return safe_torch_load(f)
+
+
+def load_rng(path: str | Path) -> None:
+    f = Path(path) / "rng.pt"
+    if not f.exists():
+        return
+    rng = safe_torch_load(f)
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def safe_torch_load(f: Path):
+    """torch.load that refuses anything but tensors and plain containers (no code runs)."""
+    try:
+        return torch.load(f, map_location="cpu", weights_only=True)
+    except FileNotFoundError as e:
+        raise ScionError(f"{f}: not found") from e
+    except Exception as e:  # UnpicklingError for hostile pickles, RuntimeError for corrupt zips
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ScionError(f"{f}: refused to load ({reason}); only plain tensor files are accepted") from e
+
+
+def prune(run_dir: str | Path, keep_last: int) -> None:
+    """Delete old regular checkpoints beyond the newest `keep_last`; milestones stay forever,
+    and the newest checkpoint that verifies is never deleted."""
+    refs = [r for r in list_checkpoints(run_dir) if not r.milestone]
+    for ref in refs[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(ref.path, ignore_errors=True)
+    root = Path(run_dir) / "checkpoints"
+    for stale in root.glob(".tmp-*"):  # left by a crash mid-save
+        pid = stale.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,69 @@
+"""The `scion` command: one entry point, one subcommand per job. Each subcommand is a module
+of this package with a `main(argv) -> int`; they are imported only when used, so `scion --help`
+and every command start fast."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import traceback
+
+from scion.errors import ScionError
+
+# name -> (module, one-line description)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "pretrain": ("scion.cli.pretrain", "train a model from scratch (or continue one with --resume)"),
+    "tokenizer": ("scion.cli.tokenizer", "train a byte-level BPE tokenizer: scion tokenizer train ..."),
+    "prepare": ("scion.cli.prepare", "tokenize text/JSONL/Parquet into packed token shards"),
+    "generate": ("scion.cli.generate", "sample a continuation from a trained run"),
+}
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: scion COMMAND [OPTIONS]   (scion COMMAND --help for its options)", "", "commands:"]
+    lines += [f"  {name:<{width}}  {desc}" for name, (_, desc) in COMMANDS.items()]
+    lines += ["", "Add --debug to any command to see the full traceback of an error."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("SCION_DEBUG") == "1"
+    argv = [a for a in argv if a != "--debug"]
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"error: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    try:
+        module = importlib.import_module(COMMANDS[name][0])
+        return int(module.main(rest) or 0)
+    except ScionError as e:
+        if debug:
+            traceback.print_exc()
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        if debug:
+            traceback.print_exc()
+        print("error: out of memory; lower --micro-batch-size or --seq-len", file=sys.stderr)
+        return 1
+    except Exception as e:  # an unexpected failure: one line, the traceback behind --debug
+        if debug:
+            traceback.print_exc()
+        else:
+            first = str(e).splitlines()[0] if str(e) else ""
+            print(f"error: {type(e).__name__}: {first} (run again with --debug for the traceback)",
+                  file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,266 @@
+"""Configuration: plain dataclasses for the model, the data and the training run, named presets,
+and YAML round-tripping. Nothing here knows about torch modules or files beyond YAML."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from scion.errors import ScionError
+
+
+@dataclass
+class ModelConfig:
+    """A decoder-only transformer. Defaults describe the LLaMA family; the GPT-2 variants of the
+    Inheritune paper are the same module with `norm="layernorm"`, `mlp="gelu"`,
+    `position="learned"`, tied embeddings and `attn_scale_inverse_layer=True`."""
+
+    name: str = "custom"
+    vocab_size: int = 4096
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int | None = None  # None: as many as n_head (multi-head attention)
+    d_model: int = 256
+    head_dim: int | None = None  # None: d_model // n_head
+    ffn_hidden: int = 688
+    max_seq_len: int = 256
+    norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
+    norm_eps: float = 1e-5
+    mlp: Literal["swiglu", "gelu"] = "swiglu"
+    position: Literal["rope", "learned"] = "rope"
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = False
+    bias: bool = False  # biases on linear layers and LayerNorm (the original GPT-2 has them)
+    attn_scale_inverse_layer: bool = False  # GPT-2/Inheritune: logits also scaled by 1/(layer_idx+1)
+    init_std: float = 0.02
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.d_model // self.n_head
+
+    def validate(self) -> None:
+        positive = ["vocab_size", "n_layer", "n_head", "d_model", "ffn_hidden", "max_seq_len"]
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ScionError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if self.n_head % self.kv_heads:
+            raise ScionError(
+                f"model.n_head ({self.n_head}) must be a multiple of model.n_kv_head ({self.kv_heads})"
+            )
+        if self.head_dim is None and self.d_model % self.n_head:
+            raise ScionError(f"model.d_model ({self.d_model}) must be divisible by model.n_head ({self.n_head})")
+        if self.position == "rope" and self.dim_per_head % 2:
+            raise ScionError(f"RoPE needs an even head dimension, got {self.dim_per_head}")
+
+
+@dataclass
+class DataConfig:
+    """Where tokens come from. `path` is raw text (files, folders, globs; .txt, .jsonl, .parquet)
+    or a folder of prepared shards (one with a manifest.json). Empty: the bundled corpus."""
+
+    path: list[str] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)  # mixing weights, one per path (default equal)
+    tokenizer: str | None = None  # tokenizer.json, an HF tokenizer folder or "gpt2"; None: train one
+    text_field: str = "text"  # the field holding the text in JSONL and Parquet records
+    val_fraction: float = 0.01  # share of documents held out for validation
+    bad_files: Literal["skip", "error"] = "skip"  # non-UTF-8 or binary inputs: skip with a count, or stop
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 1337
+    max_steps: int = 600  # optimizer steps; also the length of the LR schedule
+    seq_len: int | None = None  # None: the model's max_seq_len
+    micro_batch_size: int = 8  # sequences per forward/backward on one device
+    tokens_per_step: int | None = None  # global batch in tokens; None: one micro-batch per device
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 60
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables clipping
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 where the device has fast bf16
+    compile: bool = False
+    device: str = "auto"  # auto, cpu, cuda, cuda:1, mps
+    parallel: Literal["none", "ddp", "fsdp"] = "none"
+    activation_checkpointing: bool = False
+    log_every: int = 10
+    eval_every: int = 200
+    eval_batches: int = 20
+    sample_every: int = 200
+    sample_prompts: list[str] = field(default_factory=lambda: ["ROMEO.", "To be, or not to be"])
+    sample_tokens: int = 48
+    checkpoint_every: int = 200
+    keep_last: int = 2  # regular checkpoints kept; milestones are never deleted
+    milestone_every: int = 0  # steps between permanent milestone checkpoints; 0: none
+    tensorboard: bool = False
+
+    def validate(self, model: ModelConfig) -> None:
+        for name in ["max_steps", "micro_batch_size", "log_every", "eval_every", "sample_every",
+                     "checkpoint_every", "keep_last"]:
+            if getattr(self, name) <= 0:
+                raise ScionError(f"train.{name} must be positive, got {getattr(self, name)}")
+        for name in ["lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip", "milestone_every",
+                     "eval_batches", "sample_tokens"]:
+            if getattr(self, name) < 0:
+                raise ScionError(f"train.{name} must not be negative, got {getattr(self, name)}")
+        if self.min_lr > self.lr:
+            raise ScionError(f"train.min_lr ({self.min_lr}) must not exceed train.lr ({self.lr})")
+        if self.seq_len is not None and not 0 < self.seq_len <= model.max_seq_len:
+            raise ScionError(
+                f"train.seq_len ({self.seq_len}) must be between 1 and the model's "
+                f"max_seq_len ({model.max_seq_len}); raise --model.max-seq-len or lower --seq-len"
+            )
+
+    def sequence_length(self, model: ModelConfig) -> int:
+        return self.seq_len or model.max_seq_len
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> None:
+        self.model.validate()
+        self.train.validate(self.model)
+        if self.data.weights and len(self.data.weights) != len(self.data.path):
+            raise ScionError(
+                f"data.weights has {len(self.data.weights)} values for {len(self.data.path)} data paths"
+            )
+        if any(w <= 0 for w in self.data.weights):
+            raise ScionError("data.weights must all be positive")
+        if not 0 <= self.data.val_fraction < 1:
+            raise ScionError(f"data.val_fraction must be in [0, 1), got {self.data.val_fraction}")
+
+
+# --------------------------------------------------------------------------------------------
+# Presets. Figures come from the papers and the models' published configs.
+
+
+def _llama(name: str, **kw: Any) -> ModelConfig:
+    return ModelConfig(name=name, **kw)
+
+
+def _gpt2(name: str, n_layer: int, n_head: int, d_model: int) -> ModelConfig:
+    # Inheritune's GPT-2 variants: vocab 50304, no biases, no dropout, GELU, tied embeddings,
+    # learned positions, LayerNorm, attention logits scaled by 1/(layer_idx+1).
+    return ModelConfig(
+        name=name, vocab_size=50304, n_layer=n_layer, n_head=n_head, d_model=d_model,
+        ffn_hidden=4 * d_model, max_seq_len=1024, norm="layernorm", mlp="gelu",
+        position="learned", tie_embeddings=True, attn_scale_inverse_layer=True,
+    )
+
+
+MODEL_PRESETS: dict[str, ModelConfig] = {
+    # CPU-sized: trains on the bundled corpus in about five minutes on two cores.
+    "tiny": _llama("tiny", vocab_size=4096, n_layer=4, n_head=4, n_kv_head=2, d_model=256,
+                   ffn_hidden=688, max_seq_len=256),
+    # The configuration the benchmarks compare against transformers and litgpt.
+    "small": _llama("small", vocab_size=8192, n_layer=6, n_head=6, n_kv_head=2, d_model=384,
+                    ffn_hidden=1024, max_seq_len=256),
+    "tinyllama-1.1b": _llama("tinyllama-1.1b", vocab_size=32000, n_layer=22, n_head=32, n_kv_head=4,
+                             d_model=2048, ffn_hidden=5632, max_seq_len=2048),
+    "dmas-llama-lite-1.7b": _llama("dmas-llama-lite-1.7b", vocab_size=50304, n_layer=36, n_head=32,
+                                   n_kv_head=8, d_model=2048, ffn_hidden=5120, max_seq_len=1024,
+                                   rope_theta=500000.0),
+    "open-llama-3b": _llama("open-llama-3b", vocab_size=32000, n_layer=26, n_head=32, d_model=3200,
+                            ffn_hidden=8640, max_seq_len=2048, norm_eps=1e-6),
+    "llama2-7b": _llama("llama2-7b", vocab_size=32000, n_layer=32, n_head=32, d_model=4096,
+                        ffn_hidden=11008, max_seq_len=4096),
+    "gpt2-medium": _gpt2("gpt2-medium", 24, 16, 1024),
+    "gpt2-large": _gpt2("gpt2-large", 36, 20, 1280),
+    "gpt2-xl": _gpt2("gpt2-xl", 48, 25, 1600),
+}
+
+# Training recipes that come with a preset (the papers' hyperparameters).
+TRAIN_PRESETS: dict[str, dict[str, Any]] = {
+    "tinyllama-1.1b": dict(lr=4e-4, min_lr=4e-5, warmup_steps=2000, weight_decay=0.1,
+                           tokens_per_step=2048 * 1024, max_steps=1_430_000, micro_batch_size=8,
+                           precision="bf16"),
+    "dmas-llama-lite-1.7b": dict(lr=6e-4, min_lr=6e-5, warmup_steps=715, weight_decay=0.1,
+                                 tokens_per_step=524_288, max_steps=19_073, micro_batch_size=16,
+                                 precision="bf16"),
+    "open-llama-3b": dict(lr=3e-4, min_lr=3e-5, warmup_steps=1000, tokens_per_step=131_072,
+                          precision="bf16"),
+}
+
+
+def preset(name: str) -> RunConfig:
+    if name not in MODEL_PRESETS:
+        raise ScionError(f"unknown preset {name!r}; choose one of: {', '.join(MODEL_PRESETS)}")
+    cfg = RunConfig(model=dataclasses.replace(MODEL_PRESETS[name]))
+    for key, value in TRAIN_PRESETS.get(name, {}).items():
+        setattr(cfg.train, key, value)
+    if name not in ("tiny", "small"):  # the demo prompts only suit the bundled corpus
+        cfg.train.sample_prompts = ["The meaning of life is", "Once upon a time"]
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------
+# YAML
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def _fill(cls: type, values: dict[str, Any], where: str) -> Any:
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ScionError(
+            f"{where}: unknown key(s) {', '.join(unknown)}; known keys are: {', '.join(known)}"
+        )
+    return cls(**values)
+
+
+def from_dict(values: dict[str, Any], where: str = "config") -> RunConfig:
+    if not isinstance(values, dict):
+        raise ScionError(f"{where}: expected a mapping with model/data/train sections")
+    unknown = sorted(set(values) - {"model", "data", "train"})
+    if unknown:
+        raise ScionError(f"{where}: unknown section(s) {', '.join(unknown)}; use model, data and train")
+    try:
+        return RunConfig(
+            model=_fill(ModelConfig, values.get("model") or {}, f"{where} [model]"),
+            data=_fill(DataConfig, values.get("data") or {}, f"{where} [data]"),
+            train=_fill(TrainConfig, values.get("train") or {}, f"{where} [train]"),
+        )
+    except TypeError as e:
+        raise ScionError(f"{where}: {e}") from e
+
+
+def load_yaml(path: str | Path, base: RunConfig | None = None) -> RunConfig:
+    """Read a YAML config. With `base`, the file's values override the base's (a preset)."""
+    path = Path(path)
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError as e:
+        raise ScionError(f"{path}: config file not found") from e
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ScionError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from e
+    if base is not None and isinstance(values, dict):
+        merged = to_dict(base)
+        for section, fields in values.items():
+            if isinstance(fields, dict) and isinstance(merged.get(section), dict):
+                merged[section].update(fields)
+            else:
+                merged[section] = fields
+        values = merged
+    return from_dict(values, str(path))
+
+
+def save_yaml(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")

@@ -1,0 +1,278 @@
+"""Packing a corpus into memory-mapped token shards.
+
+Output folder:
+    manifest.json           what is in the dataset (see `build_manifest`)
+    tokenizer/              the tokenizer the tokens were made with
+    train-00000.bin ...     raw token ids (uint16 when the vocabulary fits, else uint32)
+    val-00000.bin ...
+
+Documents end with the EOS token. A document longer than `piece_chars` is cut into pieces at
+line breaks; each piece goes to the validation split with probability `val_fraction`, chosen by
+its position (file number, piece number), so the split is deterministic and the same whether one
+worker or many prepare the corpus. An EOS also closes a piece whose successor goes to the
+other split, so no sequence joins two unrelated texts.
+
+Many workers: `--shard i/n` prepares files i, i+n, i+2n, ... into bins and a manifest named for
+the worker; `merge` joins the workers' manifests into one, ordered by file, without copying
+tokens. The result reads exactly as a single worker's would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from scion.data.readers import BadFile, ReadStats, expand_paths, read_pieces
+from scion.errors import ScionError
+from scion.tokenizer import Tokenizer
+
+FORMAT = "scion-tokens/1"
+SPLITS = ("train", "val")
+BATCH_CHARS = 1 << 21  # text handed to the tokenizer at once (it spreads a batch over all cores)
+BIN_TOKENS = 1 << 28  # a new bin file is started past this many tokens
+
+
+@dataclass
+class PrepareOptions:
+    val_fraction: float = 0.01
+    text_field: str = "text"
+    bad_files: str = "skip"  # or "error"
+    piece_chars: int = 1 << 15
+    shard: tuple[int, int] = (0, 1)  # (worker index, worker count)
+    progress: bool = True
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+
+def goes_to_val(file_index: int, piece_index: int, val_fraction: float) -> bool:
+    """Deterministic, evenly spread choice of validation pieces (a multiplicative hash)."""
+    if val_fraction <= 0:
+        return False
+    h = ((file_index + 1) * 0x9E3779B1 + (piece_index + 1) * 0x85EBCA77) & 0xFFFFFFFF
+    h ^= h >> 15
+    h = (h * 0x2C1B3C6D) & 0xFFFFFFFF
+    h ^= h >> 12
+    return h / 2**32 < val_fraction
+
+
+def worker_tag(shard: tuple[int, int]) -> str:
+    i, n = shard
+    return "" if n == 1 else f"w{i:03d}of{n:03d}-"
+
+
+class _BinWriter:
+    """Appends tokens of one split to bin files, starting a new bin between source files only."""
+
+    def __init__(self, out: Path, split: str, tag: str, dtype: np.dtype):
+        self.out, self.split, self.tag, self.dtype = out, split, tag, dtype
+        self.bins: dict[str, int] = {}
+        self.fh = None
+        self.name = None
+        self.current_file = None
+
+    def _open_next(self) -> None:
+        if self.fh:
+            self.fh.close()
+        self.name = f"{self.split}-{self.tag}{len(self.bins):05d}.bin"
+        self.bins[self.name] = 0
+        self.fh = open(self.out / self.name, "wb")
+
+    def write(self, file_index: int, tokens: np.ndarray, record: dict) -> None:
+        if self.current_file != file_index:
+            self.current_file = file_index
+            if self.fh is None or self.bins[self.name] >= BIN_TOKENS:
+                self._open_next()
+            record[self.split] = [self.name, self.bins[self.name], 0]
+        tokens.astype(self.dtype, copy=False).tofile(self.fh)
+        self.bins[self.name] += len(tokens)
+        record[self.split][2] += len(tokens)
+
+    def close(self) -> None:
+        if self.fh:
+            self.fh.flush()
+            os.fsync(self.fh.fileno())
+            self.fh.close()
+
+
+def prepare(paths: list[str], tokenizer: Tokenizer, out: str | Path, opts: PrepareOptions) -> dict:
+    """Tokenize the corpus under `paths` into `out`. Returns the manifest."""
+    out = Path(out)
+    files = expand_paths(paths)
+    worker, workers = opts.shard
+    if not 0 <= worker < workers:
+        raise ScionError(f"--shard {worker}/{workers}: the worker index must be in 0..{workers - 1}")
+    mine = [(j, f) for j, f in enumerate(files) if j % workers == worker]
+    out.mkdir(parents=True, exist_ok=True)
+    tag = worker_tag(opts.shard)
+    dtype = token_dtype(tokenizer.vocab_size)
+    writers = {s: _BinWriter(out, s, tag, dtype) for s in SPLITS}
+    stats = ReadStats()
+    records: list[dict] = []
+    eos = tokenizer.eos_id
+    started = time.time()
+
+    total_bytes = sum(f.stat().st_size for _, f in mine)
+    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, disable=not opts.progress,
+               desc=f"prepare {worker}/{workers}" if workers > 1 else "prepare")
+
+    # (record, file_index, split, add_eos, text) for each piece, encoded a batch at a time on a
+    # background thread while the next batch is read.
+    def encode(batch):
+        return batch, tokenizer.encode_batch([b[4] for b in batch])
+
+    def flush(done) -> None:
+        batch, encoded = done.result()
+        for (record, file_index, split, add_eos, _), ids in zip(batch, encoded, strict=True):
+            arr = np.asarray(ids + [eos] if add_eos else ids, dtype=np.int64)
+            writers[split].write(file_index, arr, record)
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending, batch, batch_chars = None, [], 0
+        for file_index, path in mine:
+            record = {"path": str(path), "index": file_index, "bytes": path.stat().st_size, "documents": 0}
+            pieces: list = []
+            try:
+                piece_index = 0
+                for text, ends_doc in read_pieces(path, opts.text_field, opts.piece_chars):
+                    split = "val" if goes_to_val(file_index, piece_index, opts.val_fraction) else "train"
+                    next_split = "val" if goes_to_val(file_index, piece_index + 1, opts.val_fraction) else "train"
+                    pieces.append((record, file_index, split, ends_doc or next_split != split, text))
+                    record["documents"] += ends_doc
+                    piece_index += 1
+                    if not ends_doc and len(pieces) > 4096:
+                        # A very long file: hand its first pieces over instead of holding them.
+                        batch.extend(pieces)
+                        batch_chars += sum(len(p[4]) for p in pieces)
+                        pieces = []
+            except BadFile as e:
+                if opts.bad_files == "error":
+                    raise ScionError(f"{path}: {e}; fix or remove the file, or pass --bad-files skip") from e
+                stats.skipped.append((str(path), str(e)))
+                record.update(skipped=str(e), documents=0)
+                records.append(record)
+                bar.update(record["bytes"])
+                # Pieces of this file already handed over cannot be taken back: refuse instead.
+                if any(b[0] is record for b in batch):
+                    raise ScionError(f"{path}: {e} (found part-way through a very long file)") from e
+                continue
+            stats.files += 1
+            records.append(record)
+            batch.extend(pieces)
+            batch_chars += sum(len(p[4]) for p in pieces)
+            bar.update(record["bytes"])
+            if batch_chars >= BATCH_CHARS:
+                if pending is not None:
+                    flush(pending)
+                pending, batch, batch_chars = pool.submit(encode, batch), [], 0
+        if pending is not None:
+            flush(pending)
+        if batch:
+            flush(pool.submit(encode, batch))
+    bar.close()
+    for w in writers.values():
+        w.close()
+
+    if stats.files == 0:
+        detail = f" ({len(stats.skipped)} skipped: {stats.skipped[0][0]}: {stats.skipped[0][1]})" if stats.skipped else ""
+        raise ScionError(f"{', '.join(paths)}: no readable text found{detail}")
+    tokenizer.save(out / "tokenizer")
+    manifest = build_manifest(records, {**writers["train"].bins, **writers["val"].bins}, tokenizer, opts,
+                              dtype, seconds=time.time() - started)
+    name = f"manifest.{tag[:-1]}.json" if tag else "manifest.json"
+    write_json_atomic(out / name, manifest)
+    if not tag:
+        check_not_empty(manifest, out)
+    return manifest
+
+
+def build_manifest(records, bins, tokenizer: Tokenizer, opts: PrepareOptions, dtype, seconds=0.0) -> dict:
+    totals = {s: sum(r[s][2] for r in records if s in r) for s in SPLITS}
+    return {
+        "format": FORMAT,
+        "dtype": str(dtype),
+        "vocab_size": tokenizer.vocab_size,
+        "eos_id": tokenizer.eos_id,
+        "tokenizer_sha256": tokenizer.fingerprint(),
+        "val_fraction": opts.val_fraction,
+        "piece_chars": opts.piece_chars,
+        "text_field": opts.text_field,
+        "shard": list(opts.shard),
+        "files": records,
+        "bins": bins,
+        "totals": {
+            "files": sum(1 for r in records if not r.get("skipped")),
+            "skipped_files": sum(1 for r in records if r.get("skipped")),
+            "documents": sum(r["documents"] for r in records),
+            "train_tokens": totals["train"],
+            "val_tokens": totals["val"],
+        },
+        "seconds": round(seconds, 3),
+    }
+
+
+def check_not_empty(manifest: dict, out: Path) -> None:
+    t = manifest["totals"]
+    if t["train_tokens"] == 0:
+        raise ScionError(f"{out}: the corpus produced no training tokens")
+    if manifest["val_fraction"] > 0 and t["val_tokens"] == 0:
+        raise ScionError(
+            f"{out}: the corpus is too small for a validation split of {manifest['val_fraction']:.3g}; "
+            "raise --val-fraction or add text"
+        )
+
+
+def merge(out: str | Path) -> dict:
+    """Join the manifests of `--shard i/n` workers in `out` into one manifest.json."""
+    out = Path(out)
+    parts = sorted(out.glob("manifest.w*of*.json"))
+    if not parts:
+        raise ScionError(f"{out}: no worker manifests (manifest.wIIIofNNN.json) to merge; run prepare --shard first")
+    manifests = [json.loads(p.read_text()) for p in parts]
+    n = manifests[0]["shard"][1]
+    have = sorted(m["shard"][0] for m in manifests)
+    if have != list(range(n)) or any(m["shard"][1] != n for m in manifests):
+        missing = sorted(set(range(n)) - set(have))
+        raise ScionError(f"{out}: worker manifests incomplete for {n} workers (missing {missing}); "
+                         "run the missing workers first")
+    keys = ("format", "dtype", "vocab_size", "eos_id", "tokenizer_sha256", "val_fraction", "piece_chars", "text_field")
+    for m, p in zip(manifests, parts, strict=True):
+        for k in keys:
+            if m[k] != manifests[0][k]:
+                raise ScionError(f"{p}: {k} differs from {parts[0].name}; prepare all workers with the same settings")
+    records = sorted((r for m in manifests for r in m["files"]), key=lambda r: r["index"])
+    bins = {name: count for m in manifests for name, count in m["bins"].items()}
+    merged = {k: manifests[0][k] for k in keys}
+    merged.update(shard=[0, 1], files=records, bins=bins,
+                  seconds=round(sum(m.get("seconds", 0.0) for m in manifests), 3))
+    merged["totals"] = {
+        "files": sum(1 for r in records if not r.get("skipped")),
+        "skipped_files": sum(1 for r in records if r.get("skipped")),
+        "documents": sum(r["documents"] for r in records),
+        "train_tokens": sum(r["train"][2] for r in records if "train" in r),
+        "val_tokens": sum(r["val"][2] for r in records if "val" in r),
+    }
+    # Keys in the same order as a single worker writes them.
+    merged = {k: merged[k] for k in ("format", "dtype", "vocab_size", "eos_id", "tokenizer_sha256", "val_fraction",
+                                     "piece_chars", "text_field", "shard", "files", "bins", "totals", "seconds")}
+    check_not_empty(merged, out)
+    write_json_atomic(out / "manifest.json", merged)
+    return merged
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=1)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+

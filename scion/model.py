@@ -1,0 +1,252 @@
+"""The transformer: one decoder-only module for the LLaMA family and, by configuration switches,
+the GPT-2 variants of the Inheritune paper.
+
+LLaMA:  RMSNorm, rotary positions, grouped-query attention, SwiGLU MLP, untied embeddings.
+GPT-2:  LayerNorm, learned positions, multi-head attention, GELU MLP, tied embeddings, and
+        attention logits scaled by 1/(layer_idx+1).
+
+The module knows nothing about training, devices or parallelism. Parameter names follow
+Hugging Face's Llama where there is a counterpart, which keeps the interop mapping short.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scion.config import ModelConfig
+
+# Called with (layer_idx, attention probabilities of shape [batch, heads, queries, keys]) when set.
+AttentionObserver = Callable[[int, torch.Tensor], None]
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+def rope_tables(cfg: ModelConfig, seq_len: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of shape [seq_len, head_dim], in the half-split layout that HF Llama uses."""
+    hd = cfg.dim_per_head
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, device=device, dtype=torch.float32) / hd))
+    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [batch, heads, seq, head_dim]; rotate the two halves of each head against each other.
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values for one layer, for incremental decoding."""
+
+    def __init__(self, batch: int, kv_heads: int, max_len: int, head_dim: int, device, dtype):
+        super().__init__()
+        shape = (batch, kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+
+    def update(self, pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = pos + k.size(2)
+        self.k[:, :, pos:end] = k
+        self.v[:, :, pos:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.dim_per_head
+        self.q_proj = nn.Linear(cfg.d_model, self.n_head * self.head_dim, bias=cfg.bias)
+        self.k_proj = nn.Linear(cfg.d_model, self.n_kv_head * self.head_dim, bias=cfg.bias)
+        self.v_proj = nn.Linear(cfg.d_model, self.n_kv_head * self.head_dim, bias=cfg.bias)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.d_model, bias=cfg.bias)
+        self.scale = 1.0 / math.sqrt(self.head_dim)
+        if cfg.attn_scale_inverse_layer:
+            self.scale /= layer_idx + 1
+        self.use_rope = cfg.position == "rope"
+        self.observer: AttentionObserver | None = None  # set by analysis tools, never by training
+
+    def forward(self, x, rope, kv_cache: KVCache | None = None, pos: int = 0, doc_mask=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if self.use_rope:
+            cos, sin = rope
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.update(pos, k, v)
+
+        # A causal mask is implicit when queries and keys line up; with a cache, the queries sit at
+        # the end of the keys and need an explicit mask (or none for a single new token).
+        mask, causal = doc_mask, doc_mask is None
+        if kv_cache is not None and doc_mask is None:
+            causal = False
+            if T > 1:
+                mask = torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(diagonal=pos)
+
+        if self.observer is not None:
+            y = self._attend_explicitly(q, k, v, mask, causal)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale,
+                enable_gqa=self.n_kv_head != self.n_head,
+            )
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+    def _attend_explicitly(self, q, k, v, mask, causal):
+        """The same attention with the probabilities materialised, for the observer to inspect."""
+        groups = self.n_head // self.n_kv_head
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        scores = (q @ k.transpose(-2, -1)) * self.scale
+        if causal:
+            T, S = scores.shape[-2:]
+            mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        probs = scores.float().softmax(dim=-1)
+        self.observer(self.layer_idx, probs)
+        return probs.to(v.dtype) @ v
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gated = cfg.mlp == "swiglu"
+        if self.gated:
+            self.gate_proj = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=cfg.bias)
+        self.up_proj = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=cfg.bias)
+        self.down_proj = nn.Linear(cfg.ffn_hidden, cfg.d_model, bias=cfg.bias)
+
+    def forward(self, x):
+        if self.gated:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.attn_norm = make_norm(cfg)
+        self.attn = Attention(cfg, layer_idx)
+        self.mlp_norm = make_norm(cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, rope, kv_cache=None, pos=0, doc_mask=None):
+        x = x + self.attn(self.attn_norm(x), rope, kv_cache, pos, doc_mask)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        if cfg.position == "learned":
+            self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.norm = make_norm(cfg)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.kv_caches: list[KVCache] | None = None
+        if cfg.position == "rope":
+            cos, sin = rope_tables(cfg, cfg.max_seq_len)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+
+    # ---- initialisation -------------------------------------------------------------------
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """N(0, init_std) for linears and embeddings, with the residual output projections
+        scaled by 1/sqrt(2 * n_layer) as in GPT-2; norms to one, biases to zero."""
+        if self.cfg.tie_embeddings:  # moving between devices can untie them; tie again
+            self.lm_head.weight = self.embed.weight
+        std = self.cfg.init_std
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                scale = (2 * self.cfg.n_layer) ** -0.5 if name.endswith(("o_proj", "down_proj")) else 1.0
+                nn.init.normal_(module.weight, mean=0.0, std=std * scale, generator=generator)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, (nn.RMSNorm, nn.LayerNorm)):
+                nn.init.ones_(module.weight)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+        if self.cfg.position == "rope":
+            self.rope_cos, self.rope_sin = rope_tables(self.cfg, self.cfg.max_seq_len, self.embed.weight.device)
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.embed.weight.numel()
+            if self.cfg.position == "learned":
+                n -= self.pos_embed.weight.numel()
+        return n
+
+    # ---- forward --------------------------------------------------------------------------
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        pos: int = 0,
+        doc_mask: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits for `idx` [batch, seq], or the mean cross-entropy when `targets` is given
+        (targets of -100 are ignored). `pos` is the offset of idx in the sequence when decoding
+        with a KV cache; `doc_mask` [batch, 1, seq, seq] and `positions` [seq] serve packed
+        sequences whose documents must not attend to each other."""
+        T = idx.size(1)
+        if pos + T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {pos + T} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
+        x = self.embed(idx)
+        if positions is None:
+            positions = torch.arange(pos, pos + T, device=idx.device)
+        if self.cfg.position == "learned":
+            x = x + self.pos_embed(positions)
+            rope = None
+        else:
+            rope = (self.rope_cos[positions].to(x.dtype), self.rope_sin[positions].to(x.dtype))
+        for i, block in enumerate(self.blocks):
+            cache = self.kv_caches[i] if self.kv_caches is not None else None
+            x = block(x, rope, cache, pos, doc_mask)
+        x = self.norm(x)
+        if targets is None:
+            return self.lm_head(x)
+        logits = self.lm_head(x)
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+
+    # ---- decoding -------------------------------------------------------------------------
+    def setup_kv_cache(self, batch: int, max_len: int | None = None, dtype=None) -> None:
+        max_len = max_len or self.cfg.max_seq_len
+        p = self.embed.weight
+        self.kv_caches = [
+            KVCache(batch, self.cfg.kv_heads, max_len, self.cfg.dim_per_head, p.device, dtype or p.dtype)
+            for _ in self.blocks
+        ]
+
+    def clear_kv_cache(self) -> None:
+        self.kv_caches = None
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward): 6 per parameter in matmuls, plus attention
+    (PaLM's appendix B accounting). Embedding lookups are not matmuls and are not counted."""
+    d, L, hd = cfg.d_model, cfg.n_layer, cfg.dim_per_head
+    attn = d * hd * (2 * cfg.n_head + 2 * cfg.kv_heads)
+    mlp = (3 if cfg.mlp == "swiglu" else 2) * d * cfg.ffn_hidden
+    matmul_params = L * (attn + mlp) + d * cfg.vocab_size
+    return 6 * matmul_params + 12 * L * cfg.n_head * hd * seq_len

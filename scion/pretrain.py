@@ -1,0 +1,145 @@
+"""Pretraining: from a resolved config to a trained run directory. Other recipes (Inheritune,
+growth, distillation, SFT) build their model or batches differently and then call `train`."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from scion import checkpoint as ckpt
+from scion.config import RunConfig, save_yaml
+from scion.data.dataset import Sampler, TokenSplit, eval_batches
+from scion.data.sources import resolve_datasets
+from scion.errors import ScionError
+from scion.model import Transformer
+from scion.parallel import init_distributed, parallelize
+from scion.run import prepare_run_dir, write_data_record
+from scion.tokenizer import Tokenizer
+from scion.train.device import resolve_device, resolve_precision
+from scion.train.loop import LossFn, Trainer, TrainState, World, lm_loss
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+@dataclass
+class Setup:
+    device: torch.device
+    precision: str
+    world: World
+
+
+def setup(cfg: RunConfig) -> Setup:
+    device = resolve_device(cfg.train.device)
+    world = init_distributed(cfg.train.parallel, device)
+    if world.size > 1 and device.type == "cuda":
+        device = torch.device("cuda", world.local_rank)
+    return Setup(device, resolve_precision(cfg.train.precision, device), world)
+
+
+def load_data(cfg: RunConfig, world: World) -> tuple[Tokenizer, list[Path]]:
+    """Prepared datasets and tokenizer; the main rank prepares, the others wait and reuse."""
+    if world.size > 1 and not world.main:
+        dist.barrier()
+    tokenizer, folders = resolve_datasets(cfg.data, cfg.model.vocab_size, log if world.main else (lambda m: None))
+    if world.size > 1 and world.main:
+        dist.barrier()
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ScionError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is {cfg.model.vocab_size}; "
+            f"set --model.vocab-size {tokenizer.vocab_size} (or more) or use a smaller tokenizer"
+        )
+    return tokenizer, folders
+
+
+def build_model(cfg: RunConfig, device: torch.device) -> Transformer:
+    """A freshly initialised model; the same seed gives the same weights on any device."""
+    model = Transformer(cfg.model)
+    model.init_weights(torch.Generator().manual_seed(cfg.train.seed))
+    return model.to(device)
+
+
+def data_streams(cfg: RunConfig, folders: list[Path]):
+    seq_len = cfg.train.sequence_length(cfg.model)
+    train_splits = [TokenSplit(f, "train") for f in folders]
+    val_splits = [s for s in (TokenSplit(f, "val") for f in folders) if s.num_windows(seq_len) > 0]
+    sampler = Sampler(train_splits, seq_len, cfg.train.seed, cfg.data.weights or None)
+
+    def val():
+        return eval_batches(val_splits, seq_len, cfg.train.micro_batch_size, cfg.train.eval_batches)
+
+    return sampler, (val if val_splits and cfg.train.eval_batches > 0 else None)
+
+
+def train(
+    cfg: RunConfig,
+    run_dir: Path,
+    model: Transformer,
+    tokenizer: Tokenizer,
+    batches,
+    val,
+    env: Setup,
+    *,
+    resume: bool = False,
+    reset_optimizer: bool = False,
+    loss_fn: LossFn = lm_loss,
+    progress: bool | None = None,
+) -> Trainer:
+    """Run the training loop on a prepared run directory (the recipes' common last step)."""
+    train_model = parallelize(model, cfg.train.parallel, env.device, env.world)
+    if cfg.train.compile:
+        train_model = torch.compile(train_model)
+    trainer = Trainer(cfg, run_dir, model, batches, val_batches=val, loss_fn=loss_fn, tokenizer=tokenizer,
+                      device=env.device, precision=env.precision, world=env.world,
+                      parallel_model=train_model, progress=progress, log=log)
+    if resume:
+        ref = ckpt.find_resumable(run_dir, warn=log)
+        if ref is None:
+            raise ScionError(f"{run_dir}: no complete checkpoint to resume from; start a new run with --out")
+        trainer.resume(ref, reset_optimizer=reset_optimizer)
+        log(f"resuming {run_dir} from {ref.path.name} (step {trainer.state.step}, "
+            f"{trainer.state.tokens:,} tokens)")
+    if trainer.state.step >= cfg.train.max_steps:
+        log(f"{run_dir}: already trained for {trainer.state.step} steps (max_steps {cfg.train.max_steps}); "
+            "raise --max-steps to continue")
+        return trainer
+    n = model.num_params()
+    log(f"model {cfg.model.name}: {n / 1e6:.2f}M parameters | {env.device} {env.precision} | "
+        f"{trainer.global_batch} x {trainer.seq_len} tokens per step ({trainer.accum} micro-steps x "
+        f"{env.world.size} ranks) | {cfg.train.max_steps} steps")
+    trainer.fit()
+    return trainer
+
+
+def start_run(cfg: RunConfig, out: Path, overwrite: bool, tokenizer: Tokenizer, folders: list[Path],
+              world: World) -> Path:
+    """Create the run directory and record what the run is made of."""
+    if world.main:
+        prepare_run_dir(out, overwrite)
+        save_yaml(cfg, out / "config.yaml")
+        tokenizer.save(out / "tokenizer")
+        write_data_record(out, folders, cfg.data.weights)
+    if world.size > 1:
+        dist.barrier()
+    return out
+
+
+def pretrain(cfg: RunConfig, out: Path | None, resume: bool, overwrite: bool = False,
+             reset_optimizer: bool = False, progress: bool | None = None) -> tuple[Path, TrainState, Trainer]:
+    cfg.validate()
+    env = setup(cfg)
+    tokenizer, folders = load_data(cfg, env.world)
+    if resume:
+        run_dir = out
+    else:
+        run_dir = start_run(cfg, out, overwrite, tokenizer, folders, env.world)
+    batches, val = data_streams(cfg, folders)
+    model = build_model(cfg, env.device)
+    trainer = train(cfg, run_dir, model, tokenizer, batches, val, env, resume=resume,
+                    reset_optimizer=reset_optimizer, progress=progress)
+    return run_dir, trainer.state, trainer

@@ -1,0 +1,115 @@
+"""Devices, precision and the peak throughput that MFU is measured against."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from scion.errors import ScionError
+
+# Dense bf16 / fp32 (TF32 where the hardware uses it for fp32 matmuls) peak FLOP/s.
+GPU_PEAKS = {
+    "H200": {"bf16": 989e12, "fp32": 494e12},
+    "H100 SXM": {"bf16": 989e12, "fp32": 494e12},
+    "H100 NVL": {"bf16": 835e12, "fp32": 418e12},
+    "H100 PCIe": {"bf16": 756e12, "fp32": 378e12},
+    "H100": {"bf16": 989e12, "fp32": 494e12},
+    "A100": {"bf16": 312e12, "fp32": 156e12},
+    "A10G": {"bf16": 70e12, "fp32": 35e12},
+    "L4": {"bf16": 121e12, "fp32": 60e12},
+    "L40S": {"bf16": 362e12, "fp32": 183e12},
+    "RTX 4090": {"bf16": 165e12, "fp32": 83e12},
+    "RTX 3090": {"bf16": 71e12, "fp32": 36e12},
+    "V100": {"bf16": 0.0, "fp32": 15.7e12},
+}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ScionError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ScionError(f"device {name!r} asked for, but CUDA is not available here; use --device cpu")
+    return device
+
+
+def cpu_has_fast_bf16() -> bool:
+    """bf16 only pays on CPUs with native bf16 matmul (AVX512-BF16 or AMX); elsewhere it is
+    emulated and several times slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision != "auto":
+        if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ScionError("this GPU has no bf16 support; use --precision fp32")
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cpu":
+        return "bf16" if cpu_has_fast_bf16() else "fp32"
+    return "fp32"
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def peak_flops(device: torch.device, precision: str) -> tuple[float, str] | None:
+    """(peak FLOP/s, label) for MFU, or None for an unknown device (no MFU rather than a wrong one)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, peaks in GPU_PEAKS.items():
+            if key in name and peaks.get(precision):
+                return peaks[precision], f"{key} {precision} datasheet peak"
+        return None
+    if device.type == "cpu":
+        flops = measured_cpu_peak(precision)
+        return flops, f"CPU {precision} matmul peak, measured ({torch.get_num_threads()} threads)"
+    return None
+
+
+def measured_cpu_peak(precision: str) -> float:
+    """The CPU's matmul FLOP/s at this thread count, measured once and cached on disk."""
+    threads = torch.get_num_threads()
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "scion" / "cpu_peak.json"
+    key = f"{precision}-{threads}-{torch.__version__}"
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, json.JSONDecodeError):
+        known = {}
+    if key in known:
+        return known[key]
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    n = 1024 if precision == "fp32" else 512  # emulated bf16 is slow: keep the probe short
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    best = 0.0
+    for _ in range(3):
+        start = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        best = max(best, 4 * 2 * n**3 / (time.perf_counter() - start))
+    known[key] = best
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps(known))
+    except OSError:
+        pass
+    return best

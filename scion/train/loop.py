@@ -1,0 +1,393 @@
+"""The training loop. One loop serves every recipe: pretraining, inheritance and growth,
+distillation and instruction tuning differ in how the model is initialised, what the batches
+are and which loss is used, all of which are handed in.
+
+    trainer = Trainer(cfg, run_dir, model, batches, val_batches=..., tokenizer=...)
+    trainer.fit()            # starts, or continues from the state given by `resume`
+
+Exactness: the batch for a step is a function of the step number alone (the sampler is
+indexed by global sample number), the LR is a function of the step, and sampling during
+training uses its own generator, so a run stopped and resumed from a checkpoint computes the
+same weights as one that never stopped (bit for bit on CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from contextlib import nullcontext
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from scion import checkpoint as ckpt
+from scion.config import RunConfig
+from scion.errors import ScionError
+from scion.generate import generate
+from scion.model import Transformer, flops_per_token
+from scion.train.device import autocast, peak_flops
+from scion.train.optim import build_optimizer, lr_at
+
+Batch = Any  # a tuple (inputs, targets) for language modelling, or whatever the loss expects
+LossFn = Callable[[torch.nn.Module, Batch], torch.Tensor]
+
+
+def lm_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    inputs, targets = batch
+    return model(inputs, targets)
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps completed
+    tokens: int = 0  # training tokens seen (global)
+    skipped_steps: int = 0  # steps whose update was skipped for a non-finite loss or gradient
+    best_val_loss: float | None = None
+    extra: dict = field(default_factory=dict)  # recipe-specific counters
+
+
+@dataclass
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls) -> World:
+        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                   int(os.environ.get("LOCAL_RANK", 0)))
+
+
+class MetricsLog:
+    """metrics.jsonl and samples.jsonl, appended one JSON object per line (main rank only)."""
+
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool = False):
+        self.run_dir, self.enabled = run_dir, enabled
+        self.tb = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise ScionError("--tensorboard needs the tensorboard package: pip install tensorboard") from e
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def write(self, record: dict, file: str = "metrics.jsonl") -> None:
+        if not self.enabled:
+            return
+        with open(self.run_dir / file, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if self.tb is not None and file == "metrics.jsonl":
+            for key, value in record.items():
+                if key not in ("step", "tokens") and isinstance(value, (int, float)):
+                    self.tb.add_scalar(key, value, record["step"])
+
+    def truncate_after(self, step: int) -> None:
+        """On resume, drop records a stopped run wrote after its last checkpoint."""
+        if not self.enabled:
+            return
+        for file in ("metrics.jsonl", "samples.jsonl"):
+            path = self.run_dir / file
+            if not path.exists():
+                continue
+            kept = []
+            for line in path.read_text().splitlines():
+                try:
+                    if json.loads(line).get("step", 0) <= step:
+                        kept.append(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut short by a kill
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, path)
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        run_dir: str | Path,
+        model: Transformer,
+        batches,  # .batch(start, size) -> Batch, for global sample numbers
+        *,
+        val_batches: Callable[[], Iterable[Batch]] | None = None,
+        loss_fn: LossFn = lm_loss,
+        tokenizer=None,
+        device: torch.device | None = None,
+        precision: str = "fp32",
+        world: World | None = None,
+        parallel_model: torch.nn.Module | None = None,
+        progress: bool | None = None,
+        log: Callable[[str], None] | None = None,
+        extra_checkpoint_files: dict[str, Path] | None = None,
+    ):
+        self.cfg, self.tcfg = cfg, cfg.train
+        self.run_dir = Path(run_dir)
+        self.model = model  # the plain module: weights, sampling, saving
+        self.train_model = parallel_model or model  # what forward/backward runs through
+        self.batches, self.val_batches, self.loss_fn = batches, val_batches, loss_fn
+        self.tokenizer = tokenizer
+        self.device = device or next(model.parameters()).device
+        self.precision = precision
+        self.world = world or World()
+        self.state = TrainState()
+        self.optimizer = build_optimizer(model, self.tcfg)
+        self.metrics = MetricsLog(self.run_dir, self.world.main, self.tcfg.tensorboard)
+        self.progress = progress
+        self.extra_checkpoint_files = extra_checkpoint_files or {}
+        self._log = log or (lambda msg: tqdm.write(msg, file=sys.stderr))
+        self.seq_len = cfg.train.sequence_length(cfg.model)
+        self.global_batch, self.accum = self._batch_geometry()
+        self.stop_reason: str | None = None
+        self._signals = 0
+
+    # ---- geometry --------------------------------------------------------------------------
+    def _batch_geometry(self) -> tuple[int, int]:
+        """Global batch in sequences and the gradient-accumulation steps per rank."""
+        t, world = self.tcfg, self.world.size
+        per_micro = t.micro_batch_size * world
+        tokens = t.tokens_per_step or per_micro * self.seq_len
+        if tokens % (per_micro * self.seq_len):
+            raise ScionError(
+                f"train.tokens_per_step ({tokens}) must be a multiple of micro_batch_size x world size x "
+                f"seq_len = {t.micro_batch_size} x {world} x {self.seq_len} = {per_micro * self.seq_len}"
+            )
+        return tokens // self.seq_len, tokens // (per_micro * self.seq_len)
+
+    def log(self, msg: str) -> None:
+        if self.world.main:
+            self._log(msg)
+
+    # ---- state -----------------------------------------------------------------------------
+    def trainer_state(self) -> dict:
+        return {
+            **asdict(self.state),
+            "samples": self.state.step * self.global_batch,
+            "seq_len": self.seq_len,
+            "global_batch": self.global_batch,
+            "world_size": self.world.size,
+            "model": asdict(self.cfg.model),
+        }
+
+    def save(self, milestone: bool = False) -> Path | None:
+        weights = ckpt.model_state(self.model)
+        opt_state = self.optimizer.state_dict()
+        path = None
+        if self.world.main:
+            path = ckpt.save_checkpoint(
+                self.run_dir, self.state.step, self.state.tokens, weights, opt_state,
+                self.trainer_state(), milestone=milestone, extra_files=self.extra_checkpoint_files,
+            )
+            ckpt.prune(self.run_dir, self.tcfg.keep_last)
+        if self.world.size > 1:
+            dist.barrier()
+        return path
+
+    def resume(self, ref: ckpt.CheckpointRef, reset_optimizer: bool = False) -> None:
+        saved = ckpt.load_trainer_state(ref.path)
+        if saved.get("model") != asdict(self.cfg.model):
+            raise ScionError(
+                f"{ref.path}: this checkpoint is of another model architecture than the run's config; "
+                "resume with the config it was trained with"
+            )
+        ckpt.load_into(self.model, ckpt.load_weights(ref.path), ref.path)
+        if saved.get("global_batch") not in (None, self.global_batch) or saved.get("seq_len") not in (None, self.seq_len):
+            raise ScionError(
+                f"{ref.path}: saved with a global batch of {saved.get('global_batch')} x {saved.get('seq_len')} "
+                f"tokens, the run now asks for {self.global_batch} x {self.seq_len}; keep tokens_per_step and seq_len"
+            )
+        if reset_optimizer:
+            self.log("WARNING: --reset-optimizer: resuming WITHOUT the optimizer's moments. Expect a loss "
+                     "spike and slower progress (the DMaS-LLaMa-Lite lesson); the LR schedule continues.")
+        else:
+            self.optimizer.load_state_dict(ckpt.load_optimizer_state(ref.path))
+        ckpt.load_rng(ref.path)
+        known = {k: saved[k] for k in ("step", "tokens", "skipped_steps", "best_val_loss", "extra") if k in saved}
+        self.state = TrainState(**known)
+        self.metrics.truncate_after(self.state.step)
+        if saved.get("world_size", 1) != self.world.size:
+            self.log(f"resuming a run saved on {saved.get('world_size')} ranks on {self.world.size}: "
+                     "the data order and batch are unchanged")
+
+    # ---- signals ---------------------------------------------------------------------------
+    def _on_signal(self, signum, frame) -> None:
+        self._signals += 1
+        if self._signals > 1:
+            raise KeyboardInterrupt
+        self.stop_reason = signal.Signals(signum).name
+        self.log(f"{self.stop_reason} received: finishing this step and saving a checkpoint "
+                 "(send it again to stop at once)")
+
+    # ---- the loop --------------------------------------------------------------------------
+    def fit(self) -> TrainState:
+        t, model = self.tcfg, self.train_model
+        model.train()
+        fpt = flops_per_token(self.cfg.model, self.seq_len)
+        peak = peak_flops(self.device, self.precision)
+        installed = []
+        if self.world.main and hasattr(signal, "SIGTERM"):
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                try:
+                    installed.append((sig, signal.signal(sig, self._on_signal)))
+                except ValueError:  # not the main thread
+                    break
+        bar = tqdm(total=t.max_steps, initial=self.state.step, unit="step", dynamic_ncols=True,
+                   disable=(not self.world.main) if self.progress is None else not (self.progress and self.world.main),
+                   file=sys.stderr, desc="train")
+        interactive = not bar.disable
+        started = time.time()
+        window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
+        try:
+            while self.state.step < t.max_steps:
+                loss, grad_norm = self._step()
+                window_loss += loss
+                window_steps += 1
+                window_tokens += self.global_batch * self.seq_len
+                step = self.state.step
+                bar.update(1)
+
+                if step % t.log_every == 0 or step == t.max_steps:
+                    elapsed = time.perf_counter() - window_start
+                    tps = window_tokens / elapsed
+                    record = {
+                        "step": step, "tokens": self.state.tokens, "loss": window_loss / window_steps,
+                        "lr": lr_at(step - 1, t), "grad_norm": grad_norm, "tokens_per_s": tps,
+                        "tokens_per_s_per_device": tps / self.world.size,
+                        "elapsed_s": time.time() - started, "skipped_steps": self.state.skipped_steps,
+                    }
+                    if peak:
+                        record["mfu"] = tps / self.world.size * fpt / peak[0]
+                    self.metrics.write(record)
+                    bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
+                    if not interactive:
+                        self.log(_format_record(record, t.max_steps))
+                    window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
+
+                final = step == t.max_steps
+                if self.val_batches is not None and (step % t.eval_every == 0 or final):
+                    self.evaluate(bar)
+                if self.tokenizer is not None and t.sample_prompts and (step % t.sample_every == 0 or final):
+                    self.sample(bar)
+                milestone = t.milestone_every > 0 and step % t.milestone_every == 0
+                if step % t.checkpoint_every == 0 or final or milestone or self.stop_reason:
+                    self.save(milestone=milestone)
+                    window_start = time.perf_counter()  # saving is not training time
+                if self.stop_reason:
+                    break
+        finally:
+            bar.close()
+            for sig, previous in installed:
+                signal.signal(sig, previous)
+        return self.state
+
+    def _step(self) -> tuple[float, float]:
+        t, model = self.tcfg, self.train_model
+        lr = lr_at(self.state.step, t)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        per_rank = self.global_batch // self.world.size
+        base = self.state.step * self.global_batch + self.world.rank * per_rank
+        total = torch.zeros((), device=self.device)
+        for micro in range(self.accum):
+            batch = self.batches.batch(base + micro * t.micro_batch_size, t.micro_batch_size)
+            batch = to_device(batch, self.device)
+            sync = micro == self.accum - 1
+            context = model.no_sync() if (not sync and hasattr(model, "no_sync")) else nullcontext()
+            with context:
+                if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+                    model.set_requires_gradient_sync(sync)
+                with autocast(self.device, self.precision):
+                    loss = self.loss_fn(model, batch)
+                (loss / self.accum).backward()
+            total += loss.detach()
+        mean_loss = total / self.accum
+        if self.world.size > 1:
+            dist.all_reduce(mean_loss, op=dist.ReduceOp.AVG)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip if t.grad_clip > 0 else float("inf"))
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
+            grad_norm = grad_norm.full_tensor()
+        loss_value, norm_value = mean_loss.item(), grad_norm.item()
+        if math.isfinite(loss_value) and math.isfinite(norm_value):
+            self.optimizer.step()
+        else:
+            self.state.skipped_steps += 1
+            self.log(f"step {self.state.step + 1}: non-finite loss ({loss_value}) or gradient norm "
+                     f"({norm_value}); update skipped ({self.state.skipped_steps} so far)")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.step += 1
+        self.state.tokens += self.global_batch * self.seq_len
+        return loss_value, norm_value
+
+    @torch.no_grad()
+    def evaluate(self, bar=None) -> float | None:
+        model = self.train_model
+        model.eval()
+        total = torch.zeros(2, device=self.device, dtype=torch.float64)
+        for i, batch in enumerate(self.val_batches()):
+            if i % self.world.size != self.world.rank:
+                continue
+            batch = to_device(batch, self.device)
+            with autocast(self.device, self.precision):
+                loss = self.loss_fn(model, batch)
+            total[0] += loss.double()
+            total[1] += 1
+        if self.world.size > 1:
+            dist.all_reduce(total)
+        model.train()
+        if total[1] == 0:
+            return None
+        val = (total[0] / total[1]).item()
+        if self.state.best_val_loss is None or val < self.state.best_val_loss:
+            self.state.best_val_loss = val
+        self.metrics.write({"step": self.state.step, "tokens": self.state.tokens, "val_loss": val,
+                            "val_ppl": math.exp(min(val, 50.0))})
+        self.log(f"step {self.state.step}: val loss {val:.4f} (ppl {math.exp(min(val, 50.0)):.1f})")
+        if bar is not None:
+            bar.set_postfix(val=f"{val:.3f}", refresh=False)
+        return val
+
+    def sample(self, bar=None) -> None:
+        if not self.world.main:
+            return
+        t = self.tcfg
+        generator = torch.Generator(device=self.device).manual_seed(t.seed + self.state.step)
+        lines = []
+        for prompt in t.sample_prompts:
+            ids = self.tokenizer.encode(prompt)[-(self.cfg.model.max_seq_len - 1):] or [self.tokenizer.eos_id]
+            x = torch.tensor([ids], device=self.device)
+            with autocast(self.device, self.precision):
+                out = generate(self.model, x, t.sample_tokens, temperature=0.8, top_k=50, generator=generator)
+            text = self.tokenizer.decode(out[0, len(ids):].tolist())
+            self.metrics.write({"step": self.state.step, "tokens": self.state.tokens, "prompt": prompt,
+                                "text": text}, file="samples.jsonl")
+            lines.append(f"  {prompt!r} -> {text!r}")
+        self.log(f"step {self.state.step} samples:\n" + "\n".join(lines))
+
+
+def _format_record(r: dict, max_steps: int) -> str:
+    mfu = f" | mfu {r['mfu'] * 100:.1f}%" if "mfu" in r else ""
+    return (f"step {r['step']}/{max_steps} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | "
+            f"grad {r['grad_norm']:.2f} | {r['tokens_per_s']:,.0f} tok/s{mfu}")
