@@ -190,7 +190,7 @@ def prepare(paths: list[str], tokenizer: Tokenizer, out: str | Path, opts: Prepa
     name = f"manifest.{tag[:-1]}.json" if tag else "manifest.json"
     write_json_atomic(out / name, manifest)
     if not tag:
-        check_not_empty(manifest, out)
+        check_not_empty(manifest, ", ".join(paths))
     return manifest
 
 
@@ -219,7 +219,7 @@ def build_manifest(records, bins, tokenizer: Tokenizer, opts: PrepareOptions, dt
     }
 
 
-def check_not_empty(manifest: dict, out: Path) -> None:
+def check_not_empty(manifest: dict, out) -> None:
     t = manifest["totals"]
     if t["train_tokens"] == 0:
         raise ScionError(f"{out}: the corpus produced no training tokens")
