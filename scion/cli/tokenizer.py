@@ -12,7 +12,8 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="scion tokenizer", description="Train a byte-level BPE tokenizer.")
     sub = p.add_subparsers(dest="action", required=True)
     t = sub.add_parser("train", help="train a BPE tokenizer on text files")
-    t.add_argument("--data", nargs="+", required=True, metavar="PATH", help="text/JSONL/Parquet files, folders or globs")
+    t.add_argument("--data", nargs="+", required=True, metavar="PATH",
+                   help="text/JSONL/Parquet files, folders or globs")
     t.add_argument("--vocab-size", type=int, default=32000)
     t.add_argument("--out", required=True, help="folder to write tokenizer.json and its config into")
     t.add_argument("--text-field", default="text", help="field holding the text in JSONL/Parquet records")

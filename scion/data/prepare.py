@@ -182,7 +182,9 @@ def prepare(paths: list[str], tokenizer: Tokenizer, out: str | Path, opts: Prepa
         w.close()
 
     if stats.files == 0:
-        detail = f" ({len(stats.skipped)} skipped: {stats.skipped[0][0]}: {stats.skipped[0][1]})" if stats.skipped else ""
+        detail = ""
+        if stats.skipped:
+            detail = f" ({len(stats.skipped)} skipped; {stats.skipped[0][0]}: {stats.skipped[0][1]})"
         raise ScionError(f"{', '.join(paths)}: no readable text found{detail}")
     tokenizer.save(out / "tokenizer")
     manifest = build_manifest(records, {**writers["train"].bins, **writers["val"].bins}, tokenizer, opts,

@@ -124,8 +124,9 @@ def resolve_datasets(cfg: DataConfig, vocab_size: int, log=print) -> tuple[Token
             log(f"preparing {p} ...")
             manifest = prepare([p], tokenizer, folder, opts)
             t = manifest["totals"]
+            skipped = f", {t['skipped_files']} files skipped" if t["skipped_files"] else ""
             log(f"prepared {t['files']} files, {t['documents']} documents: {t['train_tokens']:,} training and "
-                f"{t['val_tokens']:,} validation tokens" + (f", {t['skipped_files']} files skipped" if t["skipped_files"] else ""))
+                f"{t['val_tokens']:,} validation tokens{skipped}")
             for r in manifest["files"]:
                 if r.get("skipped"):
                     log(f"  skipped {r['path']}: {r['skipped']}")

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import json
 import math
-from contextlib import nullcontext
 import os
 import signal
 import sys
 import time
 from collections.abc import Callable, Iterable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -213,7 +213,7 @@ class Trainer:
                 "resume with the config it was trained with"
             )
         ckpt.load_into(self.model, ckpt.load_weights(ref.path), ref.path)
-        if saved.get("global_batch") not in (None, self.global_batch) or saved.get("seq_len") not in (None, self.seq_len):
+        if (saved.get("global_batch"), saved.get("seq_len")) != (self.global_batch, self.seq_len):
             raise ScionError(
                 f"{ref.path}: saved with a global batch of {saved.get('global_batch')} x {saved.get('seq_len')} "
                 f"tokens, the run now asks for {self.global_batch} x {self.seq_len}; keep tokens_per_step and seq_len"
