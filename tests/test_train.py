@@ -1,0 +1,145 @@
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from scion import checkpoint as ckpt
+from scion.config import ModelConfig, RunConfig, TrainConfig
+from scion.pretrain import pretrain
+from scion.train.loop import Trainer
+from scion.train.optim import lr_at
+from tests.conftest import TINY_ARGS
+
+
+def tiny_config(corpus, **train) -> RunConfig:
+    cfg = RunConfig(
+        model=ModelConfig(vocab_size=512, n_layer=2, n_head=4, n_kv_head=2, d_model=64, ffn_hidden=128,
+                          max_seq_len=64),
+        train=TrainConfig(max_steps=12, micro_batch_size=4, warmup_steps=2, log_every=2, eval_every=4,
+                          eval_batches=2, sample_every=1000, checkpoint_every=4, lr=3e-3, min_lr=3e-4),
+    )
+    cfg.data.path = [str(corpus)]
+    cfg.data.val_fraction = 0.2
+    for k, v in train.items():
+        setattr(cfg.train, k, v)
+    return cfg
+
+
+def losses(run_dir):
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in records if "loss" in r], [(r["step"], r["val_loss"]) for r in records
+                                                                      if "val_loss" in r]
+
+
+def test_lr_schedule_warmup_then_cosine_by_optimizer_step():
+    t = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
+    assert lr_at(0, t) == pytest.approx(0.1)
+    assert lr_at(9, t) == pytest.approx(1.0)
+    assert lr_at(60, t) == pytest.approx(0.55)
+    assert lr_at(110, t) == pytest.approx(0.1)
+    assert lr_at(500, t) == pytest.approx(0.1)
+
+
+def test_training_reduces_loss_and_writes_the_run_layout(tiny_run):
+    train, val = losses(tiny_run)
+    assert train[-1][1] < train[0][1]
+    assert [s for s, _ in val] == [4, 8]
+    for name in ("config.yaml", "metrics.jsonl", "tokenizer/tokenizer.json", "data.json"):
+        assert (tiny_run / name).exists(), name
+    steps = [r.step for r in ckpt.list_checkpoints(tiny_run)]
+    assert steps == [4, 8]
+    record = json.loads((tiny_run / "metrics.jsonl").read_text().splitlines()[0])
+    assert {"step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "mfu"} <= set(record)
+
+
+def test_stopped_and_resumed_run_equals_uninterrupted_run(tmp_path, corpus, cache_dir, run_scion, monkeypatch):
+    cfg = tiny_config(corpus)
+    full, _, _ = pretrain(cfg, tmp_path / "full", resume=False, progress=False)
+
+    # Stop the second run right after step 6, as a SIGTERM would; it saves a checkpoint there.
+    original = Trainer._step
+
+    def stop_after_six(self):
+        out = original(self)
+        if self.state.step == 6:
+            self.stop_reason = "test stop"
+        return out
+
+    monkeypatch.setattr(Trainer, "_step", stop_after_six)
+    part, state, _ = pretrain(tiny_config(corpus), tmp_path / "part", resume=False, progress=False)
+    assert state.step == 6
+    monkeypatch.setattr(Trainer, "_step", original)
+
+    # Resume in a fresh process, as a user would.
+    run_scion("pretrain", "--resume", part)
+    a = load_file(str(ckpt.list_checkpoints(full)[-1].path / "model.safetensors"))
+    b = load_file(str(ckpt.list_checkpoints(part)[-1].path / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert losses(full) == losses(part)
+
+
+def test_gradient_accumulation_matches_a_bigger_micro_batch(tmp_path, corpus, cache_dir):
+    big, _, _ = pretrain(tiny_config(corpus, max_steps=2, micro_batch_size=8, checkpoint_every=2),
+                         tmp_path / "big", resume=False, progress=False)
+    acc, _, trainer = pretrain(tiny_config(corpus, max_steps=2, micro_batch_size=4, tokens_per_step=8 * 64,
+                                           checkpoint_every=2), tmp_path / "acc", resume=False, progress=False)
+    assert trainer.accum == 2
+    a = load_file(str(ckpt.list_checkpoints(big)[-1].path / "model.safetensors"))
+    b = load_file(str(ckpt.list_checkpoints(acc)[-1].path / "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    la, lb = losses(big)[0], losses(acc)[0]
+    assert all(math.isclose(x[1], y[1], rel_tol=1e-5) for x, y in zip(la, lb, strict=True))
+
+
+def test_reset_optimizer_warns_and_continues_the_schedule(tmp_path, corpus, cache_dir, run_scion):
+    out = tmp_path / "run"
+    run_scion("pretrain", "--data", corpus, "--out", out, "--max-steps", "4", "--data.val-fraction", "0.2",
+              *TINY_ARGS)
+    proc = run_scion("pretrain", "--resume", out, "--max-steps", "6", "--reset-optimizer")
+    assert "WITHOUT the optimizer" in proc.stderr
+    train, _ = losses(out)
+    assert train[-1][0] == 6
+
+
+def test_generate_command_samples_with_a_seed(tiny_run, run_scion):
+    a = run_scion("generate", tiny_run, "--prompt", "To be", "--max-new-tokens", "12", "--seed", "3").stdout
+    b = run_scion("generate", tiny_run, "--prompt", "To be", "--max-new-tokens", "12", "--seed", "3").stdout
+    greedy = run_scion("generate", tiny_run, "--prompt", "To be", "--max-new-tokens", "12", "--temperature", "0")
+    assert a == b and a.startswith("To be") and len(a) > len("To be\n")
+    assert greedy.stdout.startswith("To be")
+
+
+def test_checkpoint_save_is_atomic(tmp_path, monkeypatch):
+    weights = {"w": torch.ones(4)}
+    first = ckpt.save_checkpoint(tmp_path, 1, 10, weights, None, {})
+    assert ckpt.verify_checkpoint(first) is None
+
+    # A crash while writing the next checkpoint leaves no folder that looks like a checkpoint.
+    def boom(*a, **k):
+        raise RuntimeError("power cut")
+
+    monkeypatch.setattr(ckpt, "_sha256", boom)
+    with pytest.raises(RuntimeError):
+        ckpt.save_checkpoint(tmp_path, 2, 20, weights, None, {})
+    monkeypatch.undo()
+    assert [r.step for r in ckpt.list_checkpoints(tmp_path)] == [1]
+    assert not any(p.name.startswith(".tmp") for p in (tmp_path / "checkpoints").iterdir())
+    # A checkpoint tampered with after saving no longer verifies, and resume skips it.
+    second = ckpt.save_checkpoint(tmp_path, 2, 20, weights, None, {})
+    (second / "model.safetensors").write_bytes(b"garbage")
+    assert "checksum" in ckpt.verify_checkpoint(second)
+    assert ckpt.find_resumable(tmp_path, warn=lambda m: None).step == 1
+
+
+def test_retention_keeps_last_and_milestones(tmp_path):
+    weights = {"w": torch.ones(2)}
+    for step in range(1, 7):
+        ckpt.save_checkpoint(tmp_path, step, step * 100, weights, None, {}, milestone=step == 2)
+        ckpt.prune(tmp_path, keep_last=2)
+    names = [r.path.name for r in ckpt.list_checkpoints(tmp_path)]
+    assert names == ["step-00000002-200-tokens", "step-00000005", "step-00000006"]
