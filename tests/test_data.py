@@ -98,7 +98,8 @@ def test_sampler_is_deterministic_and_indexable(tmp_path, tokenizer):
     assert first != second
     # Random access: a fresh sampler starting mid-way agrees (what resume relies on).
     fresh = Sampler([split], seq_len=16, seed=5)
-    assert [fresh.sample(g) for g in range(a.epoch_size + 7, a.epoch_size + 20)] == order[a.epoch_size + 7:a.epoch_size + 20]
+    start = a.epoch_size + 7
+    assert [fresh.sample(g) for g in range(start, start + 13)] == order[start:start + 13]
     x, y = a.batch(10, 4)
     assert x.shape == y.shape == (4, 16)
     assert np.array_equal(x[:, 1:].numpy(), y[:, :-1].numpy())
