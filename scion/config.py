@@ -77,13 +77,13 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     seed: int = 1337
-    max_steps: int = 600  # optimizer steps; also the length of the LR schedule
+    max_steps: int = 300  # optimizer steps; also the length of the LR schedule
     seq_len: int | None = None  # None: the model's max_seq_len
     micro_batch_size: int = 8  # sequences per forward/backward on one device
     tokens_per_step: int | None = None  # global batch in tokens; None: one micro-batch per device
     lr: float = 3e-3
     min_lr: float = 3e-4
-    warmup_steps: int = 60
+    warmup_steps: int = 30
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -95,12 +95,12 @@ class TrainConfig:
     parallel: Literal["none", "ddp", "fsdp"] = "none"
     activation_checkpointing: bool = False
     log_every: int = 10
-    eval_every: int = 200
+    eval_every: int = 100
     eval_batches: int = 20
-    sample_every: int = 200
+    sample_every: int = 100
     sample_prompts: list[str] = field(default_factory=lambda: ["ROMEO.", "To be, or not to be"])
     sample_tokens: int = 48
-    checkpoint_every: int = 200
+    checkpoint_every: int = 100
     keep_last: int = 2  # regular checkpoints kept; milestones are never deleted
     milestone_every: int = 0  # steps between permanent milestone checkpoints; 0: none
     tensorboard: bool = False

@@ -17,7 +17,7 @@ from scion.data.sources import resolve_datasets
 from scion.errors import ScionError
 from scion.model import Transformer
 from scion.parallel import init_distributed, parallelize
-from scion.run import prepare_run_dir, write_data_record
+from scion.run import check_new_run_dir, prepare_run_dir, write_data_record
 from scion.tokenizer import Tokenizer
 from scion.train.device import resolve_device, resolve_precision
 from scion.train.loop import LossFn, Trainer, TrainState, World, lm_loss
@@ -132,6 +132,8 @@ def start_run(cfg: RunConfig, out: Path, overwrite: bool, tokenizer: Tokenizer, 
 def pretrain(cfg: RunConfig, out: Path | None, resume: bool, overwrite: bool = False,
              reset_optimizer: bool = False, progress: bool | None = None) -> tuple[Path, TrainState, Trainer]:
     cfg.validate()
+    if not resume:
+        check_new_run_dir(out, overwrite)
     env = setup(cfg)
     tokenizer, folders = load_data(cfg, env.world)
     if resume:

@@ -33,8 +33,8 @@ def is_run(path: str | Path) -> bool:
     return (Path(path) / "config.yaml").is_file()
 
 
-def prepare_run_dir(path: str | Path, overwrite: bool) -> Path:
-    """A fresh run directory. An existing run is never touched without --overwrite."""
+def check_new_run_dir(path: str | Path, overwrite: bool) -> None:
+    """Refuse, before any work is done, to start a run where one already is (unless --overwrite)."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ScionError(f"{path}: exists and is not a folder; choose another --out")
@@ -44,6 +44,13 @@ def prepare_run_dir(path: str | Path, overwrite: bool) -> Path:
             raise ScionError(f"{path}: already exists and is not empty; use {hint}, or --overwrite to replace it")
         if not is_run(path):
             raise ScionError(f"{path}: --overwrite only replaces a scion run, and this folder is not one")
+
+
+def prepare_run_dir(path: str | Path, overwrite: bool) -> Path:
+    """A fresh run directory. An existing run is never touched without --overwrite."""
+    path = Path(path)
+    check_new_run_dir(path, overwrite)
+    if path.exists():
         for name in RUN_FILES:
             target = path / name
             if target.is_dir():
