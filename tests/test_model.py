@@ -129,3 +129,16 @@ def test_invalid_model_config():
         Transformer(tiny_cfg(n_head=4, n_kv_head=3))
     with pytest.raises(ScionError, match="positive"):
         Transformer(tiny_cfg(n_layer=0))
+
+
+@pytest.mark.parametrize("name, params", [("dmas-llama-lite-1.7b", 1_716_144_128), ("tinyllama-1.1b", 1_100_048_384)])
+def test_shipped_configs_match_the_published_models(name, params):
+    from pathlib import Path
+
+    from scion.config import load_yaml
+
+    cfg = load_yaml(Path(__file__).parents[1] / "configs" / f"{name}.yaml")
+    cfg.validate()
+    with torch.device("meta"):
+        assert Transformer(cfg.model).num_params() == params
+    assert cfg.model == preset(name).model
