@@ -173,6 +173,23 @@ def test_results_do_not_depend_on_batching(peaky_model):
     assert all(block.attn.observer is None for block in peaky_model.blocks)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu(peaky_model):
+    """On a GPU the probabilities and the float64 SVD run there; the integers agree with the CPU's."""
+    import copy
+
+    tokens = torch.randint(0, 97, (4, 24), generator=torch.Generator().manual_seed(4))
+    settings = LazySettings()
+    cpu = measure_attention(peaky_model, [tokens], settings)
+    gpu_model = copy.deepcopy(peaky_model).cuda()
+    gpu = measure_attention(gpu_model, tokens.cuda().split(3), settings)
+    np.testing.assert_array_equal(gpu.k_star, cpu.k_star)
+    np.testing.assert_array_equal(gpu.m_star, cpu.m_star)
+    q_cpu, _ = qk_grad_norms(peaky_model, [(tokens[:, :-1], tokens[:, 1:])])
+    q_gpu, _ = qk_grad_norms(gpu_model, [(tokens[:, :-1].cuda(), tokens[:, 1:].cuda())])
+    assert q_gpu == pytest.approx(q_cpu, rel=1e-3)
+
+
 def test_observed_attention_matches_the_model(peaky_model):
     """The probabilities the probe reduces are the model's own: rows sum to one, causal, and the
     explicit path gives the same logits as scaled_dot_product_attention."""
@@ -254,14 +271,79 @@ def test_lazy_command_on_text_writes_into_the_run(run_scion, tiny_run, corpus, t
     (["{run}", "{run}"], "--out is needed"),
     (["{run}", "--out", "{out}", "--seq-len", "999"], "--seq-len 999"),
     (["{run}", "--out", "{out}", "--checkpoint", "12345"], "no checkpoint '12345'"),
+    (["{run}", "--out", "{busy}"], "not empty and not an earlier scion lazy output"),
 ])
 def test_lazy_command_errors(tiny_run, tmp_path, capsys, args, message):
     from scion.cli.main import main
 
-    paths = {"missing": tmp_path / "nope", "run": tiny_run, "out": tmp_path / "o"}
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("keep me")
+    paths = {"missing": tmp_path / "nope", "run": tiny_run, "out": tmp_path / "o", "busy": busy}
     code = main(["lazy", *[a.format(**paths) for a in args]])
     err = capsys.readouterr().err
     assert code == 2, err
     assert message in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+    assert [p.name for p in busy.iterdir()] == ["notes.txt"]
+
+
+# ---- models that are not scion runs: through scion.interop ----------------------------------
+
+
+def test_foreign_model_goes_through_interop(monkeypatch, tmp_path, tiny_run, corpus, capsys):
+    """A folder that is not a scion run is handed to scion.interop.load_reference; here a stand-in
+    returns the tiny run's model, and the analysis reads raw text with the returned tokenizer."""
+    import sys
+    import types
+
+    from scion.cli.main import main
+    from scion.run import load_model
+
+    hf_folder = tmp_path / "hf-model"
+    hf_folder.mkdir()
+    asked = []
+
+    def load_reference(source):
+        asked.append(source)
+        loaded = load_model(tiny_run)
+        return loaded.model, loaded.tokenizer, loaded.config
+
+    monkeypatch.setitem(sys.modules, "scion.interop", types.SimpleNamespace(load_reference=load_reference))
+    out = tmp_path / "out"
+    assert main(["lazy", str(hf_folder), "--data", str(corpus), "--num-seqs", "3", "--out", str(out)]) == 0
+    assert asked == [str(hf_folder)]
+    report = json.loads((out / "lazy.json").read_text())
+    assert report["model"]["name"] == "hf-model" and report["data"]["sequences"] == 3
+    # Without --data there is no validation split to fall back on: one clear line.
+    capsys.readouterr()
+    assert main(["lazy", str(hf_folder), "--out", str(out)]) == 2
+    assert "pass --data" in capsys.readouterr().err
+
+
+def test_foreign_model_without_interop(monkeypatch, tmp_path, capsys):
+    import sys
+
+    from scion.cli.main import main
+
+    monkeypatch.setitem(sys.modules, "scion.interop", None)  # importing it raises ImportError
+    folder = tmp_path / "hf-model"
+    folder.mkdir()
+    assert main(["lazy", str(folder), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "not a scion run" in err and "scion.interop" in err and len(err.strip().splitlines()) == 1
+
+
+def test_squared_singular_values_match_the_svd():
+    from scion.analysis.attention import squared_singular_values
+
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(6, 40, 40, generator=g) * 3
+    probs = logits.masked_fill(~torch.ones(40, 40, dtype=torch.bool).tril(), float("-inf")).softmax(-1)
+    for a in (probs, probs[:, :, :25], probs[:, :25, :]):  # square, wide and tall
+        expected = torch.linalg.svdvals(a.double()).square()
+        got = squared_singular_values(a)
+        n = expected.size(-1)
+        torch.testing.assert_close(got[..., :n], expected, atol=1e-12, rtol=0)
+        assert (got[..., n:].abs() < 1e-12).all()

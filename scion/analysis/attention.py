@@ -5,7 +5,7 @@ distribution over the keys the query may see.
 
 - k*: the fewest singular values of A(X) that explain `rank_threshold` (90%) of its variance,
   the variance of a component being its squared singular value: the smallest k with
-  sum_{i<=k} s_i^2 >= 0.9 * sum_i s_i^2.
+  sum_{i<=k} s_i^2 >= 0.9 * sum_i s_i^2. (The s_i^2 are found as the eigenvalues of A A^T.)
 - m*: the fewest columns (keys) that hold `mass_threshold` (90%) of the attention mass, the
   mass of a column being the sum of its entries (the whole matrix holds T, one per row).
 
@@ -61,10 +61,20 @@ def _fewest_reaching(values: torch.Tensor, threshold: float) -> torch.Tensor:
     return count.clamp(max=values.size(-1))
 
 
+def squared_singular_values(probs: torch.Tensor) -> torch.Tensor:
+    """s_i^2 of each matrix in `probs` [..., T, S], in descending order, in float64.
+
+    They are the eigenvalues of A A^T, a symmetric eigenproblem that is several times faster
+    than an SVD (most of all on GPUs) and, in float64, accurate to about 1e-16 of s_1^2: far
+    finer than the variance shares that decide k*."""
+    a = probs.double()
+    gram = a @ a.transpose(-2, -1) if a.size(-2) <= a.size(-1) else a.transpose(-2, -1) @ a
+    return torch.linalg.eigvalsh(gram).clamp(min=0).flip(-1)
+
+
 def approximate_rank(probs: torch.Tensor, threshold: float = 0.9) -> torch.Tensor:
-    """k* of each attention matrix in `probs` [..., T, S] (computed in float64)."""
-    singular = torch.linalg.svdvals(probs.double())  # descending
-    return _fewest_reaching(singular.square(), threshold)
+    """k* of each attention matrix in `probs` [..., T, S]."""
+    return _fewest_reaching(squared_singular_values(probs), threshold)
 
 
 def column_mass(probs: torch.Tensor, threshold: float = 0.9) -> torch.Tensor:

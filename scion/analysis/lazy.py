@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
 from scion.analysis.attention import (
@@ -46,7 +47,7 @@ def analyse(subject: Subject, sequences: Sequences, opts: LazyOptions, progress=
     summaries = summarise(stats, opts.settings)
     if opts.grad_batches > 0:
         grad_data = ((w[:, :-1].to(device), w[:, 1:].to(device))
-                     for i, w in enumerate(sequences.batches(opts.batch_size)) if i < opts.grad_batches)
+                     for w in islice(sequences.batches(opts.batch_size), opts.grad_batches))
         q_norms, k_norms = qk_grad_norms(model, grad_data)
         for s, q, k in zip(summaries, q_norms, k_norms, strict=True):
             s.grad_norm_q, s.grad_norm_k = q, k

@@ -133,6 +133,9 @@ def _out_folder(args, is_scion_source) -> Path:
         raise ScionError("--out is needed for several models or a model that is not a scion run")
     if out.exists() and not out.is_dir():
         raise ScionError(f"{out}: exists and is not a folder; choose another --out")
+    earlier = any((out / name).is_file() for name in ("lazy.json", "compare.json"))
+    if out.is_dir() and any(out.iterdir()) and not earlier:
+        raise ScionError(f"{out}: not empty and not an earlier scion lazy output; choose another --out")
     return out
 
 
