@@ -17,6 +17,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tokenizer": ("scion.cli.tokenizer", "train a byte-level BPE tokenizer: scion tokenizer train ..."),
     "prepare": ("scion.cli.prepare", "tokenize text/JSONL/Parquet into packed token shards"),
     "generate": ("scion.cli.generate", "sample a continuation from a trained run"),
+    "lazy": ("scion.cli.lazy", "attention rank k*, column mass m* and lazy layers of one or more models"),
+    "report": ("scion.cli.report", "an HTML report of runs: loss, LR, throughput, samples, evals, lazy"),
 }
 
 

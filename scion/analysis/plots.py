@@ -1,0 +1,137 @@
+"""Figures of the lazy-layer analysis (matplotlib, Agg backend: files only, no display).
+
+- heatmaps: attention matrices of chosen layers and heads on one sequence (Inheritune, Figure 1)
+- layers: k* and m* of every head by layer, lazy layers shaded
+- compare: several models by relative depth (Inheritune, Figure 9)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from scion.analysis.attention import relative_depth
+
+
+def pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    pyplot().close(fig)
+    return path
+
+
+def plot_heatmaps(heatmaps: dict[tuple[int, int], np.ndarray], report: dict, path: Path) -> Path | None:
+    """One panel per (layer, head): rows are queries, columns keys; colour is the attention
+    weight on a square-root scale so that faint structure stays visible."""
+    if not heatmaps:
+        return None
+    plt = pyplot()
+    from matplotlib.colors import PowerNorm
+
+    layers = sorted({layer for layer, _ in heatmaps})
+    heads = sorted({head for _, head in heatmaps})
+    fig, axes = plt.subplots(len(layers), len(heads), figsize=(2.3 * len(heads) + 0.6, 2.3 * len(layers)),
+                             squeeze=False)
+    summaries = {entry["layer"]: entry for entry in report["layers"]}
+    image = None
+    for r, layer in enumerate(layers):
+        for c, head in enumerate(heads):
+            ax = axes[r][c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            matrix = heatmaps.get((layer, head))
+            if matrix is None:
+                ax.axis("off")
+                continue
+            image = ax.imshow(matrix, cmap="viridis", norm=PowerNorm(0.5, vmin=0.0, vmax=1.0),
+                              interpolation="nearest")
+            s = summaries[layer]
+            ax.set_title(f"L{layer} H{head}  k*={s['k_star'][head][0]} m*={s['m_star'][head][0]}", fontsize=8)
+            if c == 0:
+                ax.set_ylabel(f"layer {layer}" + (" (lazy)" if s["lazy"] else ""), fontsize=8)
+    fig.suptitle(f"{report['model']['name']}: attention on one sequence of "
+                 f"{report['data']['seq_len']} tokens", fontsize=10)
+    fig.colorbar(image, ax=axes, shrink=0.6, label="attention weight")
+    return _save(fig, path)
+
+
+def plot_layers(report: dict, path: Path) -> Path:
+    """k* and m* (median over sequences) of every head, by layer; lazy layers shaded."""
+    plt = pyplot()
+    layers = report["layers"]
+    n_head = report["summary"]["n_head"]
+    T = report["data"]["seq_len"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    x = np.arange(len(layers))
+    jitter = (np.arange(n_head) - (n_head - 1) / 2) * (0.4 / max(n_head, 1))
+    for ax, key, title in ((axes[0], "k_star", "approximate rank k*"), (axes[1], "m_star", "column mass m*")):
+        med = np.array([entry[f"{key}_median"] for entry in layers])  # [layers, heads]
+        mean = np.array([np.mean(entry[f"{key}_mean"]) for entry in layers])
+        for h in range(n_head):
+            ax.scatter(x + jitter[h], med[:, h], s=14, alpha=0.7, color="tab:blue",
+                       label="heads (median over sequences)" if h == 0 else None)
+        ax.plot(x, mean, color="tab:orange", marker="o", ms=3, label="mean over heads and sequences")
+        for entry in layers:
+            if entry["lazy"]:
+                ax.axvspan(entry["layer"] - 0.5, entry["layer"] + 0.5, color="tab:red", alpha=0.12, lw=0)
+        ax.set_yscale("log")
+        ax.set_ylim(0.8, T * 1.2)
+        ax.set_xticks(x)
+        ax.set_xlabel("layer")
+        threshold = report["settings"]["rank_threshold" if key == "k_star" else "mass_threshold"]
+        ax.set_title(f"{title} ({threshold:.0%})")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8, loc="best")
+    lazy = report["summary"]["lazy_layers"]
+    fig.suptitle(f"{report['model']['name']}: {len(lazy)}/{len(layers)} lazy layers (shaded), "
+                 f"{report['data']['sequences']} sequences of {T} tokens", fontsize=10)
+    return _save(fig, path)
+
+
+def plot_compare(reports: list[dict], path: Path) -> Path:
+    """Models side by side on a relative-depth axis: mean k*, share of degenerate heads, share of
+    lazy layers, and the query/key gradient norms when they were measured."""
+    plt = pyplot()
+    grads = all(r["layers"][0].get("grad_norm_q") is not None for r in reports)
+    ncols = 4 if grads else 3
+    fig, axes = plt.subplots(1, ncols, figsize=(4.2 * ncols, 3.6))
+    names = [r["model"]["name"] for r in reports]
+    for r, name in zip(reports, names, strict=True):
+        depth = relative_depth(len(r["layers"]))
+        label = f"{name} ({len(r['layers'])} layers)"
+        axes[0].plot(depth, [np.mean(e["k_star_mean"]) for e in r["layers"]], marker="o", ms=3, label=label)
+        axes[1].plot(depth, [e["degenerate_share"] for e in r["layers"]], marker="o", ms=3, label=label)
+        if grads:
+            axes[3].plot(depth, [e["grad_norm_q"] for e in r["layers"]], marker="o", ms=3, label=f"{name} Q")
+            axes[3].plot(depth, [e["grad_norm_k"] for e in r["layers"]], marker="x", ms=3, ls="--",
+                         label=f"{name} K")
+    axes[0].set_title("mean k* by relative depth")
+    axes[0].set_yscale("log")
+    axes[1].set_title("share of degenerate heads")
+    axes[1].set_ylim(-0.05, 1.05)
+    shares = [r["summary"]["lazy_share"] for r in reports]
+    bars = axes[2].bar(range(len(reports)), shares, color=[f"C{i}" for i in range(len(reports))])
+    for bar, r in zip(bars, reports, strict=True):
+        s = r["summary"]
+        axes[2].annotate(f"{len(s['lazy_layers'])}/{s['n_layer']}", (bar.get_x() + bar.get_width() / 2,
+                         bar.get_height()), ha="center", va="bottom", fontsize=9)
+    axes[2].set_xticks(range(len(reports)), names, rotation=15, fontsize=8)
+    axes[2].set_ylim(0, 1.1)
+    axes[2].set_title("share of lazy layers")
+    if grads:
+        axes[3].set_title("|dL/dW| of Q and K projections")
+        axes[3].set_yscale("log")
+    for ax in list(axes[:2]) + ([axes[3]] if grads else []):
+        ax.set_xlabel("relative depth (layer / layers)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _save(fig, path)
