@@ -17,6 +17,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tokenizer": ("scion.cli.tokenizer", "train a byte-level BPE tokenizer: scion tokenizer train ..."),
     "prepare": ("scion.cli.prepare", "tokenize text/JSONL/Parquet into packed token shards"),
     "generate": ("scion.cli.generate", "sample a continuation from a trained run"),
+    "sft": ("scion.cli.sft", "instruction-tune a run on chats or Alpaca data (full or LoRA)"),
+    "chat": ("scion.cli.chat", "talk to an instruction-tuned run in the terminal"),
 }
 
 
