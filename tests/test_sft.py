@@ -36,8 +36,9 @@ def tokenizer():
 
 
 def tiny_model(vocab: int, seed: int = 0, **kw) -> Transformer:
-    cfg = ModelConfig(vocab_size=vocab, n_layer=2, n_head=4, n_kv_head=2, d_model=32, ffn_hidden=64,
-                      max_seq_len=64, **kw)
+    cfg = ModelConfig(
+        vocab_size=vocab, n_layer=2, n_head=4, n_kv_head=2, d_model=32, ffn_hidden=64, max_seq_len=64, **kw
+    )
     model = Transformer(cfg)
     model.init_weights(torch.Generator().manual_seed(seed))
     return model.eval()
@@ -52,8 +53,11 @@ def test_labels_cover_exactly_the_assistant_turns(tokenizer):
     # trained where it is an assistant's content and the <|im_end|> that closes it.
     expected_ids, expected_mask = [], []
     for m in CONVERSATION:
-        pieces = [(f"<|im_start|>{m['role']}\n", False), (m["content"] + "<|im_end|>", m["role"] == "assistant"),
-                  ("\n", False)]
+        pieces = [
+            (f"<|im_start|>{m['role']}\n", False),
+            (m["content"] + "<|im_end|>", m["role"] == "assistant"),
+            ("\n", False),
+        ]
         for text, trained in pieces:
             piece = tokenizer.encode(text)
             expected_ids += piece
@@ -81,17 +85,23 @@ def test_template_matches_transformers(tokenizer, tmp_path):
     transformers = pytest.importorskip("transformers")
     tokenizer.save(tmp_path / "tok")
     hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
-    out = hf.apply_chat_template(CONVERSATION, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    out = hf.apply_chat_template(
+        CONVERSATION, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
     ids, labels = encode_chat(CHATML, CONVERSATION, tokenizer)
     assert list(out["input_ids"]) == ids
     assert [bool(m) for m in out["assistant_masks"]] == [label != IGNORE for label in labels]
-    prompt = hf.apply_chat_template(CONVERSATION[:2], tokenize=True, add_generation_prompt=True, return_dict=True)
+    prompt = hf.apply_chat_template(
+        CONVERSATION[:2], tokenize=True, add_generation_prompt=True, return_dict=True
+    )
     assert list(prompt["input_ids"]) == prompt_ids(CHATML, CONVERSATION[:2], tokenizer)
     alpaca = with_chat_tokens(tokenizer, (), BUILTIN["alpaca"].source)
     alpaca.save(tmp_path / "alpaca")
     hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "alpaca"))
-    assert list(hf.apply_chat_template(CONVERSATION, tokenize=True, return_dict=True)["input_ids"]) == \
-        encode_chat(BUILTIN["alpaca"], CONVERSATION, alpaca)[0]
+    assert (
+        list(hf.apply_chat_template(CONVERSATION, tokenize=True, return_dict=True)["input_ids"])
+        == encode_chat(BUILTIN["alpaca"], CONVERSATION, alpaca)[0]
+    )
 
 
 def test_unknown_template_and_template_files(tokenizer, tmp_path):
@@ -102,7 +112,9 @@ def test_unknown_template_and_template_files(tokenizer, tmp_path):
     template = resolve_template(str(plain), tokenizer)
     assert template.special_tokens == ("<|turn|>",)
     with pytest.raises(ScionError, match="--train-on all"):
-        encode_chat(template, CONVERSATION, with_chat_tokens(tokenizer, template.special_tokens, template.source))
+        encode_chat(
+            template, CONVERSATION, with_chat_tokens(tokenizer, template.special_tokens, template.source)
+        )
     broken = tmp_path / "broken.jinja"
     broken.write_text("{% for m in messages %}")
     with pytest.raises(ScionError, match="not a valid Jinja template"):
@@ -132,10 +144,15 @@ def test_record_formats(tmp_path):
     _jsonl(tmp_path / "a.jsonl", [alpaca, chat, sharegpt])
     pq.write_table(pa.Table.from_pylist([chat, chat]), tmp_path / "b.parquet")
     records = read_records([str(tmp_path / "a.jsonl"), str(tmp_path / "b.parquet")])
-    assert records.conversations[0] == [{"role": "user", "content": "Add\n\n2 and 3"},
-                                        {"role": "assistant", "content": "5"}]
+    assert records.conversations[0] == [
+        {"role": "user", "content": "Add\n\n2 and 3"},
+        {"role": "assistant", "content": "5"},
+    ]
     assert records.conversations[1] == chat["messages"]
-    assert records.conversations[2] == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    assert records.conversations[2] == [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "yo"},
+    ]
     assert records.conversations[3:] == [chat["messages"]] * 2 and not records.bad
 
 
@@ -149,9 +166,17 @@ def test_saved_datasets_folder(tmp_path):
 
 def test_bad_records_are_counted_with_their_line_or_refused(tmp_path):
     good = {"instruction": "a", "output": "b"}
-    path = _jsonl(tmp_path / "d.jsonl", [good, {"instruction": "no answer"}, "{not json", good,
-                                         {"messages": [{"role": "user", "content": "only a question"}]},
-                                         {"text": "plain"}])
+    path = _jsonl(
+        tmp_path / "d.jsonl",
+        [
+            good,
+            {"instruction": "no answer"},
+            "{not json",
+            good,
+            {"messages": [{"role": "user", "content": "only a question"}]},
+            {"text": "plain"},
+        ],
+    )
     records = read_records([str(path)], "skip")
     assert len(records.conversations) == 2
     assert [b.where for b in records.bad] == [f"{path}:{n}" for n in (2, 3, 5, 6)]
@@ -199,12 +224,14 @@ def test_packed_conversations_do_not_see_each_other():
 
     def logits(batch):
         with torch.no_grad():
-            return model(batch["inputs"], doc_mask=attention_mask(batch["doc_ids"]), positions=batch["positions"])
+            return model(
+                batch["inputs"], doc_mask=attention_mask(batch["doc_ids"]), positions=batch["positions"]
+            )
 
     together = logits(packed)
     for ex, start in ((a, 0), (b, 7), (c, 18)):
         alone = model(torch.tensor([ex.inputs]))
-        torch.testing.assert_close(together[0, start:start + len(ex)], alone[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(together[0, start : start + len(ex)], alone[0], rtol=1e-5, atol=1e-5)
     b2 = Example([(t + 1) % 50 for t in b.inputs], b.targets)
     changed = logits(collate([[a, b2, c]], pad_id=0, packed=True))
     assert torch.equal(changed[0, :7], together[0, :7]) and torch.equal(changed[0, 18:23], together[0, 18:23])
@@ -236,7 +263,9 @@ def test_new_tokens_get_mean_rows_and_the_vocab_grows():
     assert fit_embeddings(model, 30, 36) is False  # rows 30..39 exist (padding): no growth
     torch.testing.assert_close(model.embed.weight[33], old[0].mean(0))
     assert fit_embeddings(model, 36, 44) is True
-    assert model.cfg.vocab_size == 44 and model.embed.weight.shape[0] == 44 and model.lm_head.out_features == 44
+    assert (
+        model.cfg.vocab_size == 44 and model.embed.weight.shape[0] == 44 and model.lm_head.out_features == 44
+    )
     torch.testing.assert_close(model.lm_head.weight[:30], old[1])
     torch.testing.assert_close(model.lm_head.weight[43], model.lm_head.weight[:36].mean(0))
     tied = tiny_model(40, tie_embeddings=True)

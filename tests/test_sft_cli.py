@@ -25,8 +25,16 @@ def write_lookup_task(path, n: int, seed: int = 0, bad: bool = False):
     lines = []
     for _ in range(n):
         key, filler = rng.choice(KEYS), rng.choice(TRAIN_FILLERS)
-        lines.append(json.dumps({"messages": [{"role": "user", "content": f"{filler} code of {key}?".strip()},
-                                              {"role": "assistant", "content": CODES[key]}]}))
+        lines.append(
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": f"{filler} code of {key}?".strip()},
+                        {"role": "assistant", "content": CODES[key]},
+                    ]
+                }
+            )
+        )
     if bad:
         lines[3] = json.dumps({"instruction": "code of red?"})  # no output
         lines[5] = "{truncated"
@@ -74,10 +82,21 @@ def _resume_matches(run_scion, run, steps: int) -> None:
 def test_full_fine_tuning_reports_bad_records_resumes_exactly_and_loads(run_scion, tiny_run, tmp_path):
     data = write_lookup_task(tmp_path / "chats.jsonl", 40, bad=True)
     out = tmp_path / "sft"
-    proc = run_scion("sft", tiny_run, "--data", data, "--out", out, "--max-steps", "4", "--checkpoint-every", "2",
-                     *SFT_FLAGS)
-    assert f"skipped 2 bad record(s): {data}:4: missing or non-string field(s) 'output'; {data}:6: not valid JSON" \
-        in proc.stderr
+    proc = run_scion(
+        "sft",
+        tiny_run,
+        "--data",
+        data,
+        "--out",
+        out,
+        "--max-steps",
+        "4",
+        "--checkpoint-every",
+        "2",
+        *SFT_FLAGS,
+    )
+    skipped = f"{data}:4: missing or non-string field(s) 'output'; {data}:6: not valid JSON"
+    assert f"skipped 2 bad record(s): {skipped}" in proc.stderr
     report = json.loads((out / "sft-data.json").read_text())
     assert report["conversations"] == 38 and report["added_tokens"] == 2 and len(report["bad_records"]) == 2
     assert report["val_examples"] == 2  # the default 5% held out
@@ -88,8 +107,9 @@ def test_full_fine_tuning_reports_bad_records_resumes_exactly_and_loads(run_scio
     assert loaded.config.model.vocab_size == max(base.config.model.vocab_size, base.tokenizer.vocab_size + 2)
     assert loaded.tokenizer.chat_template and loaded.tokenizer.backend.token_to_id("<|im_end|>") is not None
     _resume_matches(run_scion, out, 4)
-    answer = run_scion("generate", out, "--chat", "--prompt", "code of red?", "--max-new-tokens", "5",
-                       "--temperature", "0").stdout
+    answer = run_scion(
+        "generate", out, "--chat", "--prompt", "code of red?", "--max-new-tokens", "5", "--temperature", "0"
+    ).stdout
     assert "<|im_end|>" not in answer and "<|im_start|>" not in answer
 
 
@@ -97,15 +117,34 @@ def test_lora_checkpoints_hold_merged_weights_and_resume_exactly(run_scion, tiny
     pytest.importorskip("peft")
     data = write_lookup_task(tmp_path / "chats.jsonl", 30)
     out = tmp_path / "lora"
-    run_scion("sft", tiny_run, "--data", data, "--out", out, "--max-steps", "4", "--checkpoint-every", "2",
-              "--lora-rank", "4", "--lora-targets", "q_proj,v_proj", "--layout", "pad", *SFT_FLAGS)
+    run_scion(
+        "sft",
+        tiny_run,
+        "--data",
+        data,
+        "--out",
+        out,
+        "--max-steps",
+        "4",
+        "--checkpoint-every",
+        "2",
+        "--lora-rank",
+        "4",
+        "--lora-targets",
+        "q_proj,v_proj",
+        "--layout",
+        "pad",
+        *SFT_FLAGS,
+    )
     last = out / "checkpoints" / "step-00000004"
     adapters = load_file(str(last / "adapter.safetensors"))
     assert adapters and all("lora_" in k for k in adapters)
     tuned, base = load_model(out), load_model(tiny_run)  # a plain model: the adapters are merged in
     q_tuned, q_base = tuned.model.blocks[0].attn.q_proj.weight, base.model.blocks[0].attn.q_proj.weight
     assert not torch.equal(q_tuned, q_base)
-    torch.testing.assert_close(tuned.model.blocks[0].attn.k_proj.weight, base.model.blocks[0].attn.k_proj.weight)
+    torch.testing.assert_close(
+        tuned.model.blocks[0].attn.k_proj.weight, base.model.blocks[0].attn.k_proj.weight
+    )
     _resume_matches(run_scion, out, 4)
 
 
@@ -144,8 +183,13 @@ def test_chat_in_a_terminal(chat_run, cache_dir):
     pexpect = pytest.importorskip("pexpect")
     from tests.conftest import scion_env
 
-    child = pexpect.spawn(sys.executable, ["-m", "scion", "chat", str(chat_run), "--max-new-tokens", "6",
-                                           "--seed", "0"], env=scion_env(cache_dir), encoding="utf-8", timeout=120)
+    child = pexpect.spawn(
+        sys.executable,
+        ["-m", "scion", "chat", str(chat_run), "--max-new-tokens", "6", "--seed", "0"],
+        env=scion_env(cache_dir),
+        encoding="utf-8",
+        timeout=120,
+    )
     try:
         child.expect("you> ")
         assert "chatting with" in child.before
@@ -168,10 +212,31 @@ def test_chat_in_a_terminal(chat_run, cache_dir):
 def test_fine_tuning_learns_a_task_the_base_model_cannot_do(run_scion, tiny_run, tmp_path):
     data = write_lookup_task(tmp_path / "lookup.jsonl", 400)
     out = tmp_path / "learned"
-    run_scion("sft", tiny_run, "--data", data, "--out", out, "--max-steps", "60", "--lr", "3e-3",
-              "--checkpoint-every", "60", "--eval-every", "30", "--sample-every", "1000", "--progress", "lines")
+    run_scion(
+        "sft",
+        tiny_run,
+        "--data",
+        data,
+        "--out",
+        out,
+        "--max-steps",
+        "60",
+        "--lr",
+        "3e-3",
+        "--checkpoint-every",
+        "60",
+        "--eval-every",
+        "30",
+        "--sample-every",
+        "1000",
+        "--progress",
+        "lines",
+    )
     base, tuned = held_out_accuracy(tiny_run), held_out_accuracy(out)
     assert base <= 0.2 and tuned >= 0.5, (base, tuned)
-    val = [json.loads(line)["val_loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
-           if "val_loss" in line]
+    val = [
+        json.loads(line)["val_loss"]
+        for line in (out / "metrics.jsonl").read_text().splitlines()
+        if "val_loss" in line
+    ]
     assert val[-1] < val[0]

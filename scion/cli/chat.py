@@ -41,11 +41,25 @@ def main(argv: list[str]) -> int:
     if loaded.tokenizer is None:
         raise ScionError(f"{args.run}: the run has no tokenizer/ folder")
     run_dir, _ = resolve_checkpoint(args.run, args.checkpoint)
-    generator = torch.Generator(device=device).manual_seed(args.seed if args.seed is not None else torch.seed())
-    session = ChatSession(loaded.model, loaded.tokenizer, run_template(run_dir, loaded.tokenizer), args.system,
-                          args.max_new_tokens, args.temperature, args.top_k or None, args.top_p, generator)
-    print(f"chatting with {args.run} ({loaded.checkpoint.name}, context {session.context} tokens). {HELP}",
-          file=sys.stderr, flush=True)
+    generator = torch.Generator(device=device).manual_seed(
+        args.seed if args.seed is not None else torch.seed()
+    )
+    session = ChatSession(
+        loaded.model,
+        loaded.tokenizer,
+        run_template(run_dir, loaded.tokenizer),
+        args.system,
+        args.max_new_tokens,
+        args.temperature,
+        args.top_k or None,
+        args.top_p,
+        generator,
+    )
+    print(
+        f"chatting with {args.run} ({loaded.checkpoint.name}, context {session.context} tokens). {HELP}",
+        file=sys.stderr,
+        flush=True,
+    )
     while True:
         try:
             user = input("you> ")
@@ -74,7 +88,11 @@ def main(argv: list[str]) -> int:
         sys.stdout.write("\n")
         sys.stdout.flush()
         if session.dropped_turns > dropped:
-            print(f"(the {session.dropped_turns - dropped} oldest turn(s) no longer fit the context and were "
-                  "dropped)", file=sys.stderr, flush=True)
+            print(
+                f"(the {session.dropped_turns - dropped} oldest turn(s) no longer fit the context and were "
+                "dropped)",
+                file=sys.stderr,
+                flush=True,
+            )
     print("bye", file=sys.stderr)
     return 0

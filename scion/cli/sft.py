@@ -28,32 +28,68 @@ STOPPED_EARLY = 75
 
 def main(argv: list[str]) -> int:
     p = base_parser("scion sft", "Fine-tune a pretrained model on instructions or conversations." + EXAMPLES)
-    p.add_argument("source", nargs="?", help="scion run directory or checkpoint folder (or a Hugging Face model)")
-    p.add_argument("--data", nargs="+", metavar="PATH",
-                   help="Alpaca or conversation JSONL/JSON/Parquet files, folders, a saved `datasets` folder, hf:NAME")
+    p.add_argument(
+        "source", nargs="?", help="scion run directory or checkpoint folder (or a Hugging Face model)"
+    )
+    p.add_argument(
+        "--data",
+        nargs="+",
+        metavar="PATH",
+        help="Alpaca or conversation JSONL/JSON/Parquet files, folders, a saved `datasets` folder, hf:NAME",
+    )
     p.add_argument("--out", help="run directory for the fine-tuned model")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue this SFT run from its latest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     p.add_argument("--config", default=None, help="YAML file with model/data/train sections")
-    p.add_argument("--chat-template", default=None,
-                   help="chatml, alpaca or a .jinja file (default: the tokenizer's own template, else chatml)")
+    p.add_argument(
+        "--chat-template",
+        default=None,
+        help="chatml, alpaca or a .jinja file (default: the tokenizer's own template, else chatml)",
+    )
     p.add_argument("--stop-token", default=None, help="with a .jinja template: the token that ends an answer")
-    p.add_argument("--train-on", choices=["assistant", "all"], default="assistant",
-                   help="loss on the assistant's turns only (default), or on every token")
-    p.add_argument("--layout", choices=["pack", "pad"], default="pack",
-                   help="pack several conversations per sequence (no attention across them), or one per row")
-    p.add_argument("--too-long", choices=["truncate", "drop"], default="truncate",
-                   help="conversations longer than the context: cut them, or leave them out (both reported)")
-    p.add_argument("--bad-records", choices=["skip", "error"], default="skip",
-                   help="records missing fields: skip and report them with their line, or refuse the data")
-    p.add_argument("--epochs", type=float, default=3.0, help="passes over the data when --max-steps is not given")
-    p.add_argument("--lora-rank", type=int, default=0, help="train rank-R LoRA adapters instead of all weights")
+    p.add_argument(
+        "--train-on",
+        choices=["assistant", "all"],
+        default="assistant",
+        help="loss on the assistant's turns only (default), or on every token",
+    )
+    p.add_argument(
+        "--layout",
+        choices=["pack", "pad"],
+        default="pack",
+        help="pack several conversations per sequence (no attention across them), or one per row",
+    )
+    p.add_argument(
+        "--too-long",
+        choices=["truncate", "drop"],
+        default="truncate",
+        help="conversations longer than the context: cut them, or leave them out (both reported)",
+    )
+    p.add_argument(
+        "--bad-records",
+        choices=["skip", "error"],
+        default="skip",
+        help="records missing fields: skip and report them with their line, or refuse the data",
+    )
+    p.add_argument(
+        "--epochs", type=float, default=3.0, help="passes over the data when --max-steps is not given"
+    )
+    p.add_argument(
+        "--lora-rank", type=int, default=0, help="train rank-R LoRA adapters instead of all weights"
+    )
     p.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale numerator (default: 2 x rank)")
-    p.add_argument("--lora-targets", default="q_proj,v_proj",
-                   help="comma-separated projections to adapt (q,k,v,o,gate,up,down _proj)")
+    p.add_argument(
+        "--lora-targets",
+        default="q_proj,v_proj",
+        help="comma-separated projections to adapt (q,k,v,o,gate,up,down _proj)",
+    )
     p.add_argument("--lora-dropout", type=float, default=0.0)
-    p.add_argument("--lora-train-embeddings", choices=["auto", "yes", "no"], default="auto",
-                   help="with LoRA, also train the embedding and output layer (auto: when tokens were added)")
+    p.add_argument(
+        "--lora-train-embeddings",
+        choices=["auto", "yes", "no"],
+        default="auto",
+        help="with LoRA, also train the embedding and output layer (auto: when tokens were added)",
+    )
     p.add_argument("--progress", choices=["auto", "bar", "lines"], default="auto")
 
     pre, _ = p.parse_known_args(argv)
@@ -86,16 +122,33 @@ def main(argv: list[str]) -> int:
         out = Path(args.out)
         train_embeddings = {"auto": None, "yes": True, "no": False}[args.lora_train_embeddings]
         options = SFTConfig(
-            source=str(args.source), data=list(args.data or []), template=args.chat_template,
-            stop_token=args.stop_token, train_on=args.train_on, layout=args.layout, too_long=args.too_long,
-            bad_records=args.bad_records, epochs=args.epochs, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+            source=str(args.source),
+            data=list(args.data or []),
+            template=args.chat_template,
+            stop_token=args.stop_token,
+            train_on=args.train_on,
+            layout=args.layout,
+            too_long=args.too_long,
+            bad_records=args.bad_records,
+            epochs=args.epochs,
+            lora_rank=args.lora_rank,
+            lora_alpha=args.lora_alpha,
             lora_targets=[t.strip() for t in args.lora_targets.split(",") if t.strip()],
-            lora_dropout=args.lora_dropout, lora_train_embeddings=train_embeddings,
+            lora_dropout=args.lora_dropout,
+            lora_train_embeddings=train_embeddings,
         )
     given = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
     progress = {"auto": None, "bar": True, "lines": False}[args.progress]
-    run_dir, trainer = sft(cfg, options, out, resume=bool(args.resume), overwrite=args.overwrite,
-                           given=frozenset(given), progress=progress, preloaded=preloaded)
+    run_dir, trainer = sft(
+        cfg,
+        options,
+        out,
+        resume=bool(args.resume),
+        overwrite=args.overwrite,
+        given=frozenset(given),
+        progress=progress,
+        preloaded=preloaded,
+    )
     if trainer.world.main:
         state = trainer.state
         val = f", best val loss {state.best_val_loss:.4f}" if state.best_val_loss is not None else ""
@@ -105,7 +158,10 @@ def main(argv: list[str]) -> int:
 
     shutdown()
     if trainer.stop_reason:
-        print(f"stopped early ({trainer.stop_reason}); continue with: scion sft --resume {run_dir}", file=sys.stderr)
+        print(
+            f"stopped early ({trainer.stop_reason}); continue with: scion sft --resume {run_dir}",
+            file=sys.stderr,
+        )
         return STOPPED_EARLY
     return 0
 

@@ -37,8 +37,14 @@ class ExampleReport:
     trained_tokens: int = 0
 
 
-def make_examples(conversations: list[list[dict]], template: ChatTemplate, tokenizer: Tokenizer, max_len: int,
-                  train_on: str = "assistant", too_long: str = "truncate") -> tuple[list[Example], ExampleReport]:
+def make_examples(
+    conversations: list[list[dict]],
+    template: ChatTemplate,
+    tokenizer: Tokenizer,
+    max_len: int,
+    train_on: str = "assistant",
+    too_long: str = "truncate",
+) -> tuple[list[Example], ExampleReport]:
     """One example per conversation, at most `max_len` input tokens. Longer ones are cut at the
     end (too_long="truncate") or left out ("drop"); either is counted in the report."""
     report = ExampleReport(conversations=len(conversations))
@@ -92,10 +98,10 @@ def collate(rows: list[list[Example]], pad_id: int, packed: bool) -> dict[str, t
         at = 0
         for d, ex in enumerate(row):
             n = len(ex)
-            inputs[r, at:at + n] = torch.tensor(ex.inputs)
-            targets[r, at:at + n] = torch.tensor(ex.targets)
-            positions[r, at:at + n] = torch.arange(n)
-            doc_ids[r, at:at + n] = d
+            inputs[r, at : at + n] = torch.tensor(ex.inputs)
+            targets[r, at : at + n] = torch.tensor(ex.targets)
+            positions[r, at : at + n] = torch.arange(n)
+            doc_ids[r, at : at + n] = d
             at += n
         positions[r, at:] = torch.arange(width - at)
     batch = {"inputs": inputs, "targets": targets}
@@ -115,8 +121,12 @@ def attention_mask(doc_ids: torch.Tensor) -> torch.Tensor:
 def sft_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean cross-entropy over the tokens that carry a target."""
     if "doc_ids" in batch:
-        return model(batch["inputs"], batch["targets"], doc_mask=attention_mask(batch["doc_ids"]),
-                     positions=batch["positions"])
+        return model(
+            batch["inputs"],
+            batch["targets"],
+            doc_mask=attention_mask(batch["doc_ids"]),
+            positions=batch["positions"],
+        )
     return model(batch["inputs"], batch["targets"])
 
 
@@ -151,8 +161,14 @@ class SFTBatches:
         return sum(len(e) for e in self.examples) / (len(self.rows) * self.seq_len)
 
 
-def eval_batches(examples: list[Example], seq_len: int, batch_size: int, pad_id: int, packed: bool,
-                 max_batches: int | None = None):
+def eval_batches(
+    examples: list[Example],
+    seq_len: int,
+    batch_size: int,
+    pad_id: int,
+    packed: bool,
+    max_batches: int | None = None,
+):
     """The held-out examples, always the same batches in the same order."""
     batches = SFTBatches(examples, seq_len, 0, pad_id, packed)
     rows = [[examples[i] for i in row] for row in batches.rows]
@@ -160,6 +176,6 @@ def eval_batches(examples: list[Example], seq_len: int, batch_size: int, pad_id:
 
     def val():
         for i in range(0, count, batch_size):
-            yield collate(rows[i:i + batch_size], pad_id, packed)
+            yield collate(rows[i : i + batch_size], pad_id, packed)
 
     return val

@@ -20,8 +20,10 @@ def run_template(run_dir: str | Path, tokenizer: Tokenizer) -> ChatTemplate:
     """The template a run was tuned with (its tokenizer's), with the stop token `scion sft`
     recorded for a template file."""
     if not tokenizer.chat_template:
-        raise ScionError(f"{run_dir}: the run's tokenizer has no chat template; instruction-tune it with "
-                         "`scion sft` first (or sample plain text with `scion generate`)")
+        raise ScionError(
+            f"{run_dir}: the run's tokenizer has no chat template; instruction-tune it with "
+            "`scion sft` first (or sample plain text with `scion generate`)"
+        )
     template = template_of(tokenizer)
     options = Path(run_dir) / "sft.yaml"
     if template.name not in BUILTIN and options.is_file():
@@ -32,12 +34,26 @@ def run_template(run_dir: str | Path, tokenizer: Tokenizer) -> ChatTemplate:
 
 
 class ChatSession:
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, template: ChatTemplate, system: str | None = None,
-                 max_new_tokens: int = 256, temperature: float = 0.7, top_k: int | None = 50,
-                 top_p: float | None = None, generator: torch.Generator | None = None):
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: Tokenizer,
+        template: ChatTemplate,
+        system: str | None = None,
+        max_new_tokens: int = 256,
+        temperature: float = 0.7,
+        top_k: int | None = 50,
+        top_p: float | None = None,
+        generator: torch.Generator | None = None,
+    ):
         self.model, self.tokenizer, self.template = model, tokenizer, template
         self.system = system
-        self.max_new_tokens, self.temperature, self.top_k, self.top_p = max_new_tokens, temperature, top_k, top_p
+        self.max_new_tokens, self.temperature, self.top_k, self.top_p = (
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+        )
         self.generator = generator
         self.stop_ids = template.stop_ids(tokenizer)
         self.context = model.cfg.max_seq_len
@@ -62,8 +78,10 @@ class ChatSession:
             self.dropped_turns += drop
             ids = prompt_ids(self.template, self._messages(turns), self.tokenizer)
         if len(ids) >= self.context:
-            raise ScionError(f"the message needs {len(ids)} tokens with the template; the model's context holds "
-                             f"{self.context}: write a shorter one")
+            raise ScionError(
+                f"the message needs {len(ids)} tokens with the template; the model's context holds "
+                f"{self.context}: write a shorter one"
+            )
         self.history = turns[:-1]
         return ids
 
@@ -74,9 +92,15 @@ class ChatSession:
         device = self.model.embed.weight.device
         generated: list[int] = []
         shown = ""
-        stream = generate_stream(self.model, torch.tensor([ids], device=device), self.max_new_tokens,
-                                 temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
-                                 generator=self.generator)
+        stream = generate_stream(
+            self.model,
+            torch.tensor([ids], device=device),
+            self.max_new_tokens,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            generator=self.generator,
+        )
         try:
             for token in stream:
                 t = int(token[0])
@@ -86,7 +110,7 @@ class ChatSession:
                 text = self.tokenizer.decode(generated)
                 if text.endswith("\ufffd"):  # a character split across tokens: wait for the rest
                     continue
-                yield text[len(shown):]
+                yield text[len(shown) :]
                 shown = text
         finally:
             stream.close()  # frees the KV cache at once, also when the caller stops early

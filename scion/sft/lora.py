@@ -21,8 +21,14 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 ADAPTER_FILE = "adapter.safetensors"
 
 
-def apply_lora(model: Transformer, rank: int, alpha: float, targets: list[str], dropout: float = 0.0,
-               train_embeddings: bool = False) -> Transformer:
+def apply_lora(
+    model: Transformer,
+    rank: int,
+    alpha: float,
+    targets: list[str],
+    dropout: float = 0.0,
+    train_embeddings: bool = False,
+) -> Transformer:
     """Freeze the model and add trainable rank-`rank` adapters to every projection named in
     `targets` (in place). With `train_embeddings` the embedding and output layer also train
     (new chat tokens need rows of their own)."""
@@ -32,14 +38,20 @@ def apply_lora(model: Transformer, rank: int, alpha: float, targets: list[str], 
         raise ScionError("LoRA needs the peft package: pip install peft") from e
     unknown = [t for t in targets if t not in TARGETS]
     if unknown or not targets:
-        raise ScionError(f"unknown LoRA target(s) {', '.join(unknown) or '(none)'}; choose from: {', '.join(TARGETS)}")
+        raise ScionError(
+            f"unknown LoRA target(s) {', '.join(unknown) or '(none)'}; choose from: {', '.join(TARGETS)}"
+        )
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     absent = [t for t in targets if t not in present]
     if absent:
-        raise ScionError(f"this model has no {', '.join(absent)} projections (a GELU MLP has only up/down_proj)")
+        raise ScionError(
+            f"this model has no {', '.join(absent)} projections (a GELU MLP has only up/down_proj)"
+        )
     if rank <= 0:
         raise ScionError(f"--lora-rank must be positive, got {rank}")
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), bias="none")
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), bias="none"
+    )
     inject_adapter_in_model(config, model)
     for name, p in model.named_parameters():
         p.requires_grad_("lora_" in name)
@@ -82,13 +94,17 @@ def load_adapter(model: torch.nn.Module, path: Path) -> None:
     try:
         tensors = load_file(str(path))
     except (FileNotFoundError, OSError) as e:
-        raise ScionError(f"{path}: the LoRA adapters of this checkpoint are missing; it cannot resume a LoRA "
-                         "run (start a new one, or resume without LoRA options from a full fine-tune)") from e
+        raise ScionError(
+            f"{path}: the LoRA adapters of this checkpoint are missing; it cannot resume a LoRA "
+            "run (start a new one, or resume without LoRA options from a full fine-tune)"
+        ) from e
     params = dict(model.named_parameters())
     wrong = sorted(set(tensors) ^ {n for n in params if "lora_" in n})
     if wrong:
-        raise ScionError(f"{path}: the adapters do not fit this model (e.g. {wrong[0]}); resume with the "
-                         "LoRA rank and targets the run was started with")
+        raise ScionError(
+            f"{path}: the adapters do not fit this model (e.g. {wrong[0]}); resume with the "
+            "LoRA rank and targets the run was started with"
+        )
     with torch.no_grad():
         for name, tensor in tensors.items():
             params[name].copy_(tensor)

@@ -57,7 +57,9 @@ class SFTConfig:
 
     def validate(self) -> None:
         if not self.data:
-            raise ScionError("scion sft needs --data (instruction JSONL/Parquet, a saved data set or hf:NAME)")
+            raise ScionError(
+                "scion sft needs --data (instruction JSONL/Parquet, a saved data set or hf:NAME)"
+            )
         if self.epochs <= 0:
             raise ScionError(f"--epochs must be positive, got {self.epochs}")
         if self.lora_rank < 0:
@@ -76,7 +78,9 @@ def load_options(run_dir: Path) -> SFTConfig:
         values = yaml.safe_load(path.read_text())
         return SFTConfig(**values)
     except FileNotFoundError as e:
-        raise ScionError(f"{run_dir}: not an SFT run (no {OPTIONS_FILE}); resume it with scion pretrain") from e
+        raise ScionError(
+            f"{run_dir}: not an SFT run (no {OPTIONS_FILE}); resume it with scion pretrain"
+        ) from e
     except (yaml.YAMLError, TypeError) as e:
         raise ScionError(f"{path}: not a valid SFT options file ({e})") from e
 
@@ -94,8 +98,10 @@ def load_source(source: str, device) -> tuple[Transformer, Tokenizer | None, Run
     try:
         from scion.interop import load_reference
     except ImportError as e:
-        raise ScionError(f"{source}: not a scion run or checkpoint, and this installation cannot import Hugging "
-                         "Face models (scion.interop is missing); give a scion run directory") from e
+        raise ScionError(
+            f"{source}: not a scion run or checkpoint, and this installation cannot import Hugging "
+            "Face models (scion.interop is missing); give a scion run directory"
+        ) from e
     model, tokenizer, cfg = load_reference(str(source))
     return model.to(device), tokenizer, cfg
 
@@ -111,11 +117,15 @@ def split_conversations(conversations: list, val_fraction: float, seed: int) -> 
         n_val = min(max(1, n_val), n - 1)
     order = np.random.default_rng([seed, 7]).permutation(n)
     val = {int(i) for i in order[:n_val]}
-    return ([c for i, c in enumerate(conversations) if i not in val],
-            [c for i, c in enumerate(conversations) if i in val])
+    return (
+        [c for i, c in enumerate(conversations) if i not in val],
+        [c for i, c in enumerate(conversations) if i in val],
+    )
 
 
-def sample_prompts(template: ChatTemplate, conversations: list, tokenizer: Tokenizer, count: int = 2) -> list[str]:
+def sample_prompts(
+    template: ChatTemplate, conversations: list, tokenizer: Tokenizer, count: int = 2
+) -> list[str]:
     """Rendered prompts asking for the first assistant turn of a few conversations."""
     prompts = []
     for messages in conversations[:count]:
@@ -126,16 +136,20 @@ def sample_prompts(template: ChatTemplate, conversations: list, tokenizer: Token
 
 
 def _report_lines(report: dict) -> list[str]:
-    lines = [f"{report['conversations']} conversations from {len(report['sources'])} source(s): "
-             f"{report['train_examples']} for training, {report['val_examples']} held out; "
-             f"{report['trained_tokens']:,} of {report['tokens']:,} tokens carry the loss"]
+    lines = [
+        f"{report['conversations']} conversations from {len(report['sources'])} source(s): "
+        f"{report['train_examples']} for training, {report['val_examples']} held out; "
+        f"{report['trained_tokens']:,} of {report['tokens']:,} tokens carry the loss"
+    ]
     bad = report["bad_records"]
     if bad:
         shown = "; ".join(bad[:5]) + (f"; ... ({len(bad) - 5} more in {REPORT_FILE})" if len(bad) > 5 else "")
         lines.append(f"skipped {len(bad)} bad record(s): {shown}")
-    for key, what in (("truncated", "cut to the context of {n} tokens"),
-                      ("dropped_long", "longer than the context of {n} tokens, dropped"),
-                      ("no_target", "left nothing to learn within the context, dropped")):
+    for key, what in (
+        ("truncated", "cut to the context of {n} tokens"),
+        ("dropped_long", "longer than the context of {n} tokens, dropped"),
+        ("no_target", "left nothing to learn within the context, dropped"),
+    ):
         if report[key]:
             lines.append(f"{report[key]} conversation(s) {what.format(n=report['context'])}")
     return lines
@@ -144,9 +158,16 @@ def _report_lines(report: dict) -> list[str]:
 # ---- the recipe ----------------------------------------------------------------------------------
 
 
-def sft(cfg: RunConfig, options: SFTConfig, out: Path, resume: bool = False, overwrite: bool = False,
-        given: frozenset[str] = frozenset(), progress: bool | None = None,
-        preloaded=None) -> tuple[Path, Trainer]:
+def sft(
+    cfg: RunConfig,
+    options: SFTConfig,
+    out: Path,
+    resume: bool = False,
+    overwrite: bool = False,
+    given: frozenset[str] = frozenset(),
+    progress: bool | None = None,
+    preloaded=None,
+) -> tuple[Path, Trainer]:
     """Fine-tune `options.source` into the run directory `out` (or continue it with `resume`).
     Unless in `given` (flags the user set), max_steps follows from --epochs, warmup is at most a
     tenth of it, and the sample prompts come from the held-out conversations. `preloaded` is the
@@ -156,58 +177,88 @@ def sft(cfg: RunConfig, options: SFTConfig, out: Path, resume: bool = False, ove
     model, tokenizer, _ = preloaded or load_source(options.source, env.device)
     model = model.to(env.device)
     if tokenizer is None:
-        raise ScionError(f"{options.source}: has no tokenizer (no tokenizer/ folder); SFT needs the tokenizer the "
-                         "model was trained with: copy it into the run's tokenizer/ folder")
+        raise ScionError(
+            f"{options.source}: has no tokenizer (no tokenizer/ folder); SFT needs the tokenizer the "
+            "model was trained with: copy it into the run's tokenizer/ folder"
+        )
     template = resolve_template(options.template, tokenizer, options.stop_token)
     old_tokens = tokenizer.vocab_size
     tokenizer = with_chat_tokens(tokenizer, template.special_tokens, template.source)
     if old_tokens > model.cfg.vocab_size:
-        raise ScionError(f"{options.source}: the tokenizer has {old_tokens} tokens but the model only "
-                         f"{model.cfg.vocab_size} rows; they do not belong together")
+        raise ScionError(
+            f"{options.source}: the tokenizer has {old_tokens} tokens but the model only "
+            f"{model.cfg.vocab_size} rows; they do not belong together"
+        )
     fit_embeddings(model, old_tokens, tokenizer.vocab_size)
     added = tokenizer.vocab_size - old_tokens
     model_cfg = dataclasses.replace(model.cfg)
     if resume:
         if cfg.model != model_cfg:
-            raise ScionError(f"{out}: the run's model differs from its source {options.source} with the template's "
-                             "tokens; was the source run replaced?")
+            raise ScionError(
+                f"{out}: the run's model differs from its source {options.source} with the template's "
+                "tokens; was the source run replaced?"
+            )
     else:
-        changed = [f.name for f in dataclasses.fields(model_cfg)
-                   if f.name != "vocab_size" and getattr(cfg.model, f.name) != getattr(model_cfg, f.name)]
+        changed = [
+            f.name
+            for f in dataclasses.fields(model_cfg)
+            if f.name != "vocab_size" and getattr(cfg.model, f.name) != getattr(model_cfg, f.name)
+        ]
         if changed:
-            raise ScionError(f"--model.{changed[0].replace('_', '-')} cannot change the architecture of a pretrained "
-                             "model; drop the --model.* options")
+            raise ScionError(
+                f"--model.{changed[0].replace('_', '-')} cannot change the architecture of a pretrained "
+                "model; drop the --model.* options"
+            )
         cfg.model = model_cfg
 
     records = read_records(options.data, options.bad_records)
     train_convs, val_convs = split_conversations(records.conversations, cfg.data.val_fraction, cfg.train.seed)
     seq_len = cfg.train.sequence_length(cfg.model)
-    examples, rep = make_examples(train_convs, template, tokenizer, seq_len, options.train_on, options.too_long)
-    val_examples, val_rep = make_examples(val_convs, template, tokenizer, seq_len, options.train_on,
-                                          options.too_long)
+    examples, rep = make_examples(
+        train_convs, template, tokenizer, seq_len, options.train_on, options.too_long
+    )
+    val_examples, val_rep = make_examples(
+        val_convs, template, tokenizer, seq_len, options.train_on, options.too_long
+    )
     if not examples:
-        raise ScionError(f"{', '.join(options.data)}: no training conversation fits the context of {seq_len} "
-                         "tokens with something to learn; use --too-long truncate or a longer --seq-len")
+        raise ScionError(
+            f"{', '.join(options.data)}: no training conversation fits the context of {seq_len} "
+            "tokens with something to learn; use --too-long truncate or a longer --seq-len"
+        )
     report = {
-        "sources": records.sources, "conversations": len(records.conversations), "context": seq_len,
-        "train_examples": len(examples), "val_examples": len(val_examples),
+        "sources": records.sources,
+        "conversations": len(records.conversations),
+        "context": seq_len,
+        "train_examples": len(examples),
+        "val_examples": len(val_examples),
         "bad_records": [str(b) for b in records.bad],
         "truncated": len(rep.truncated) + len(val_rep.truncated),
         "dropped_long": len(rep.dropped_long) + len(val_rep.dropped_long),
         "no_target": len(rep.no_target) + len(val_rep.no_target),
-        "tokens": rep.tokens, "trained_tokens": rep.trained_tokens,
-        "template": template.name, "added_tokens": added,
+        "tokens": rep.tokens,
+        "trained_tokens": rep.trained_tokens,
+        "template": template.name,
+        "added_tokens": added,
     }
     packed = options.layout == "pack"
     batches = SFTBatches(examples, seq_len, cfg.train.seed, tokenizer.eos_id, packed)
     val = None
     if val_examples and cfg.train.eval_batches > 0:
-        val = eval_batches(val_examples, seq_len, cfg.train.micro_batch_size, tokenizer.eos_id, packed,
-                           cfg.train.eval_batches)
+        val = eval_batches(
+            val_examples,
+            seq_len,
+            cfg.train.micro_batch_size,
+            tokenizer.eos_id,
+            packed,
+            cfg.train.eval_batches,
+        )
 
     if not resume:
-        per_step = (cfg.train.tokens_per_step // seq_len if cfg.train.tokens_per_step
-                    else cfg.train.micro_batch_size * env.world.size)
+        per_step = (
+            cfg.train.tokens_per_step // seq_len
+            if cfg.train.tokens_per_step
+            else cfg.train.micro_batch_size * env.world.size
+        )
         if "--max-steps" not in given:
             cfg.train.max_steps = max(1, math.ceil(options.epochs * len(batches) / per_step))
         if "--warmup-steps" not in given:
@@ -221,15 +272,23 @@ def sft(cfg: RunConfig, options: SFTConfig, out: Path, resume: bool = False, ove
         train_embeddings = options.lora_train_embeddings
         if train_embeddings is None:
             train_embeddings = added > 0
-        apply_lora(model, options.lora_rank, options.lora_alpha or 2.0 * options.lora_rank, options.lora_targets,
-                   options.lora_dropout, train_embeddings)
+        apply_lora(
+            model,
+            options.lora_rank,
+            options.lora_alpha or 2.0 * options.lora_rank,
+            options.lora_targets,
+            options.lora_dropout,
+            train_embeddings,
+        )
 
     if env.world.main:
         for line in _report_lines(report):
             log(line)
         if packed:
-            log(f"packed {len(examples)} conversations into {len(batches)} rows of {seq_len} tokens "
-                f"({batches.fill():.0%} full)")
+            log(
+                f"packed {len(examples)} conversations into {len(batches)} rows of {seq_len} tokens "
+                f"({batches.fill():.0%} full)"
+            )
     if resume:
         run_dir = out
         if lora:
@@ -246,8 +305,19 @@ def sft(cfg: RunConfig, options: SFTConfig, out: Path, resume: bool = False, ove
         if env.world.size > 1:
             torch.distributed.barrier()
     extra = {ADAPTER_FILE: lambda path: save_adapter(model, path)} if lora else None
-    trainer = train(cfg, run_dir, model, tokenizer, batches, val, env, resume=resume, loss_fn=sft_loss,
-                    progress=progress, extra_checkpoint_files=extra)
+    trainer = train(
+        cfg,
+        run_dir,
+        model,
+        tokenizer,
+        batches,
+        val,
+        env,
+        resume=resume,
+        loss_fn=sft_loss,
+        progress=progress,
+        extra_checkpoint_files=extra,
+    )
     return run_dir, trainer
 
 
@@ -261,5 +331,7 @@ def _restore_adapter(model: Transformer, run_dir: Path) -> None:
     saved, merged = ckpt.load_weights(ref.path), model.state_dict()
     for name in (f"{layer}.weight" for layer in lora_layers(model)):
         if not torch.allclose(merged[name].float().cpu(), saved[name].float(), rtol=1e-4, atol=1e-6):
-            raise ScionError(f"{ref.path}: the source model's weights are not those this LoRA run started from "
-                             f"({name} differs); resume needs the unchanged source {run_dir / OPTIONS_FILE}")
+            raise ScionError(
+                f"{ref.path}: the source model's weights are not those this LoRA run started from "
+                f"({name} differs); resume needs the unchanged source {run_dir / OPTIONS_FILE}"
+            )

@@ -23,8 +23,15 @@ from scion.errors import ScionError
 
 Conversation = list[dict]
 
-ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
-         "model": "assistant", "bot": "assistant"}
+ROLES = {
+    "system": "system",
+    "user": "user",
+    "human": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+    "model": "assistant",
+    "bot": "assistant",
+}
 DATA_SUFFIXES = {".jsonl", ".json", ".ndjson", ".parquet"}
 
 
@@ -56,7 +63,9 @@ def read_records(paths: list[str], bad_records: str = "skip") -> Records:
             if isinstance(messages, str):
                 bad = BadRecord(where, messages)
                 if bad_records == "error":
-                    raise ScionError(f"{bad} (fix the record, or pass --bad-records skip to skip such records)")
+                    raise ScionError(
+                        f"{bad} (fix the record, or pass --bad-records skip to skip such records)"
+                    )
                 out.bad.append(bad)
             else:
                 out.conversations.append(messages)
@@ -103,7 +112,9 @@ def to_messages(record) -> Conversation | str:
     missing = [k for k in ("instruction", "output") if not isinstance(record.get(k), str)]
     if missing:
         if not any(k in record for k in ("instruction", "output", "input")):
-            return f"no 'messages' field and no Alpaca 'instruction'/'output' fields (has: {', '.join(record)})"
+            return (
+                f"no 'messages' field and no Alpaca 'instruction'/'output' fields (has: {', '.join(record)})"
+            )
         return f"missing or non-string field(s) {', '.join(repr(k) for k in missing)}"
     extra = record.get("input") or ""
     if not isinstance(extra, str):
@@ -130,8 +141,14 @@ def _iter_source(source: str, out: Records) -> Iterator[tuple[str, object]]:
         out.sources.append(str(path))
         yield from _iter_dataset(_load_saved(path), str(path))
         return
-    files = [path] if path.is_file() else sorted(
-        f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in DATA_SUFFIXES and not f.name.startswith(".")
+    files = (
+        [path]
+        if path.is_file()
+        else sorted(
+            f
+            for f in path.rglob("*")
+            if f.is_file() and f.suffix.lower() in DATA_SUFFIXES and not f.name.startswith(".")
+        )
     )
     if not files:
         raise ScionError(f"{path}: holds no .jsonl, .json or .parquet files")
@@ -180,8 +197,11 @@ def _iter_parquet(path: Path) -> Iterator[tuple[str, object]]:
 
 
 def _is_saved_dataset(path: Path) -> bool:
-    return (path / "dataset_info.json").is_file() or (path / "state.json").is_file() or \
-        (path / "dataset_dict.json").is_file()
+    return (
+        (path / "dataset_info.json").is_file()
+        or (path / "state.json").is_file()
+        or (path / "dataset_dict.json").is_file()
+    )
 
 
 def _load_saved(path: Path):

@@ -37,7 +37,8 @@ CHATML = (
 ALPACA = (
     "{% for message in messages %}"
     "{% if message['role'] == 'system' %}{{ message['content'] + '\\n\\n' }}"
-    "{% elif message['role'] == 'user' %}{{ '### Instruction:\\n' + message['content'] + '\\n\\n### Response:\\n' }}"
+    "{% elif message['role'] == 'user' %}"
+    "{{ '### Instruction:\\n' + message['content'] + '\\n\\n### Response:\\n' }}"
     "{% elif message['role'] == 'assistant' %}"
     "{% generation %}{{ message['content'] + eos_token }}{% endgeneration %}{{ '\\n\\n' }}"
     "{% endif %}"
@@ -85,8 +86,10 @@ def resolve_template(name: str | None, tokenizer: Tokenizer, stop_token: str | N
         try:
             source = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
-            raise ScionError(f"{path}: cannot read this chat template ({e}); give a Jinja file or one of: "
-                             f"{', '.join(BUILTIN)}") from e
+            raise ScionError(
+                f"{path}: cannot read this chat template ({e}); give a Jinja file or one of: "
+                f"{', '.join(BUILTIN)}"
+            ) from e
         compile_template(source, str(path))
         tokens = tuple(dict.fromkeys(SPECIAL.findall(source)))
         return ChatTemplate(path.stem, source, tokens, stop_token)
@@ -108,7 +111,9 @@ def template_of(tokenizer: Tokenizer) -> ChatTemplate:
 # ---- rendering -----------------------------------------------------------------------------
 
 
-_spans: ContextVar[tuple[list[str], list[tuple[int, int]]] | None] = ContextVar("scion_generation", default=None)
+_spans: ContextVar[tuple[list[str], list[tuple[int, int]]] | None] = ContextVar(
+    "scion_generation", default=None
+)
 
 
 @lru_cache(maxsize=16)
@@ -141,10 +146,13 @@ def compile_template(source: str, where: str = "chat template"):
         raise jinja2.exceptions.TemplateError(message)
 
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+        return json.dumps(
+            x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+        )
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[GenerationSpans, jinja2.ext.loopcontrols])
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[GenerationSpans, jinja2.ext.loopcontrols]
+    )
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     try:
@@ -153,8 +161,9 @@ def compile_template(source: str, where: str = "chat template"):
         raise ScionError(f"{where}: not a valid Jinja template (line {e.lineno}: {e.message})") from e
 
 
-def render(template: ChatTemplate, messages: list[dict], tokenizer: Tokenizer,
-           add_generation_prompt: bool = False) -> tuple[str, list[tuple[int, int]]]:
+def render(
+    template: ChatTemplate, messages: list[dict], tokenizer: Tokenizer, add_generation_prompt: bool = False
+) -> tuple[str, list[tuple[int, int]]]:
     """The conversation as text, and the character spans of its generation blocks."""
     import jinja2
 
@@ -163,8 +172,12 @@ def render(template: ChatTemplate, messages: list[dict], tokenizer: Tokenizer,
     spans: list[tuple[int, int]] = []
     token = _spans.set((blocks, spans))
     try:
-        for block in compiled.generate(messages=messages, add_generation_prompt=add_generation_prompt,
-                                       eos_token=tokenizer.eos_token, bos_token=tokenizer.bos_token or ""):
+        for block in compiled.generate(
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            eos_token=tokenizer.eos_token,
+            bos_token=tokenizer.bos_token or "",
+        ):
             blocks.append(block)
     except jinja2.TemplateError as e:
         raise ScionError(f"chat template {template.name!r} failed on a conversation: {e}") from e
@@ -173,8 +186,9 @@ def render(template: ChatTemplate, messages: list[dict], tokenizer: Tokenizer,
     return "".join(blocks), spans
 
 
-def encode_chat(template: ChatTemplate, messages: list[dict], tokenizer: Tokenizer,
-                train_on: str = "assistant") -> tuple[list[int], list[int]]:
+def encode_chat(
+    template: ChatTemplate, messages: list[dict], tokenizer: Tokenizer, train_on: str = "assistant"
+) -> tuple[list[int], list[int]]:
     """Token ids of the rendered conversation and their labels: the id itself where the loss
     applies (inside a generation block, or everywhere with train_on="all"), else IGNORE.
     The ids are those of the whole rendered text, as `apply_chat_template` produces them."""
@@ -184,9 +198,11 @@ def encode_chat(template: ChatTemplate, messages: list[dict], tokenizer: Tokeniz
     if train_on == "all":
         return ids, list(ids)
     if not template.marks_generation:
-        raise ScionError(f"chat template {template.name!r} does not mark the assistant's text with "
-                         "{% generation %}...{% endgeneration %}, so the loss cannot be restricted to it; "
-                         "add those markers or train on everything with --train-on all")
+        raise ScionError(
+            f"chat template {template.name!r} does not mark the assistant's text with "
+            "{% generation %}...{% endgeneration %}, so the loss cannot be restricted to it; "
+            "add those markers or train on everything with --train-on all"
+        )
     labels = [IGNORE] * len(ids)
     span = 0
     for i, (start, _) in enumerate(encoding.offsets):
@@ -201,4 +217,3 @@ def prompt_ids(template: ChatTemplate, messages: list[dict], tokenizer: Tokenize
     """The ids that ask the model for the next assistant turn."""
     text, _ = render(template, messages, tokenizer, add_generation_prompt=True)
     return tokenizer.encode(text)
-

@@ -10,7 +10,9 @@ from scion.model import Transformer
 from scion.tokenizer import Tokenizer
 
 
-def with_chat_tokens(tokenizer: Tokenizer, tokens: tuple[str, ...] | list[str], chat_template: str) -> Tokenizer:
+def with_chat_tokens(
+    tokenizer: Tokenizer, tokens: tuple[str, ...] | list[str], chat_template: str
+) -> Tokenizer:
     """A copy of the tokenizer that has every token in `tokens` (the missing ones added as
     special tokens, so text never splits them) and carries the chat template."""
     backend = HFTokenizer.from_str(tokenizer.backend.to_str())
@@ -40,7 +42,9 @@ def fit_embeddings(model: Transformer, old_tokens: int, new_tokens: int) -> bool
         else:
             model.lm_head.weight[: old_head.out_features] = old_head.weight
         model.cfg.vocab_size = new_tokens
-    matrices = [model.embed.weight] if model.cfg.tie_embeddings else [model.embed.weight, model.lm_head.weight]
+    matrices = (
+        [model.embed.weight] if model.cfg.tie_embeddings else [model.embed.weight, model.lm_head.weight]
+    )
     for w in matrices:
         w[old_tokens:new_tokens] = w[:old_tokens].mean(dim=0)
     return grown
