@@ -308,3 +308,31 @@ def test_chat_drops_the_oldest_turns_to_fit_the_context(tokenizer):
     assert session._messages(session.history)[0]["role"] == "system"
     with pytest.raises(ScionError, match="write a shorter one"):
         session.prompt("sky " * 100)
+
+
+def test_hub_names_go_through_load_dataset(tmp_path, monkeypatch):
+    """hf:NAME is `datasets.load_dataset(NAME, split=...)`; a local folder stands in for the Hub."""
+    pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    hub = tmp_path / "hub-copy"
+    hub.mkdir()
+    _jsonl(
+        hub / "train.jsonl",
+        [{"instruction": "say hi", "output": "hi"}, {"instruction": "say yo", "output": "yo"}],
+    )
+    records = read_records([f"hf:{hub}"])
+    assert [c[-1]["content"] for c in records.conversations] == ["hi", "yo"]
+    with pytest.raises(ScionError, match=r"hf:.*could not load this data set"):
+        read_records([f"hf:{hub}:validation"])
+
+
+def test_a_hugging_face_source_needs_the_interop_package(tmp_path, monkeypatch):
+    import sys
+
+    from scion.sft.recipe import load_source
+
+    monkeypatch.setitem(sys.modules, "scion.interop", None)  # as in an installation without it
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ScionError, match="scion.interop is missing"):
+        load_source(str(tmp_path), "cpu")

@@ -79,7 +79,9 @@ def _resume_matches(run_scion, run, steps: int) -> None:
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_full_fine_tuning_reports_bad_records_resumes_exactly_and_loads(run_scion, tiny_run, tmp_path):
+def test_full_fine_tuning_reports_bad_records_and_loads_as_a_chat_model(
+    run_scion, tiny_run, tmp_path, capsys
+):
     data = write_lookup_task(tmp_path / "chats.jsonl", 40, bad=True)
     out = tmp_path / "sft"
     proc = run_scion(
@@ -106,11 +108,33 @@ def test_full_fine_tuning_reports_bad_records_resumes_exactly_and_loads(run_scio
     base = load_model(tiny_run)
     assert loaded.config.model.vocab_size == max(base.config.model.vocab_size, base.tokenizer.vocab_size + 2)
     assert loaded.tokenizer.chat_template and loaded.tokenizer.backend.token_to_id("<|im_end|>") is not None
-    _resume_matches(run_scion, out, 4)
-    answer = run_scion(
-        "generate", out, "--chat", "--prompt", "code of red?", "--max-new-tokens", "5", "--temperature", "0"
-    ).stdout
-    assert "<|im_end|>" not in answer and "<|im_start|>" not in answer
+    transformers = pytest.importorskip("transformers")
+    from scion.sft.template import BUILTIN, encode_chat
+
+    hf = transformers.AutoTokenizer.from_pretrained(str(out / "tokenizer"))
+    chat = [{"role": "user", "content": "code of teal?"}, {"role": "assistant", "content": "2"}]
+    ids = hf.apply_chat_template(chat, tokenize=True, return_dict=True)["input_ids"]
+    assert list(ids) == encode_chat(BUILTIN["chatml"], chat, loaded.tokenizer)[0]
+    from scion.cli.main import main
+
+    assert (
+        main(
+            [
+                "generate",
+                str(out),
+                "--chat",
+                "--prompt",
+                "code of red?",
+                "--max-new-tokens",
+                "5",
+                "--temperature",
+                "0",
+            ]
+        )
+        == 0
+    )
+    answer = capsys.readouterr().out
+    assert answer.endswith("\n") and "<|im_end|>" not in answer and "<|im_start|>" not in answer
 
 
 def test_lora_checkpoints_hold_merged_weights_and_resume_exactly(run_scion, tiny_run, tmp_path):
