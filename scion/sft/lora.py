@@ -5,6 +5,10 @@ Checkpoints stay plain: the adapted model's `state_dict()` presents merged weigh
 (W + B @ A * alpha / r) under the usual names, so `model.safetensors` of every checkpoint loads
 with `scion.run.load_model` as any other run. The adapters themselves, needed to resume
 exactly, are written next to it (`adapter.safetensors`); the frozen base comes from the source.
+A merged weight cannot be split back into base and adapters, so when the loop resumes and copies
+a checkpoint into `state_dict()`, the merged entries land in temporaries and change nothing;
+`scion.sft.recipe` restores the adapters from `adapter.safetensors` and checks that base and
+adapters merge to the checkpoint's weights.
 """
 
 from __future__ import annotations
