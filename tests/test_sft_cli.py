@@ -68,35 +68,29 @@ def held_out_accuracy(run) -> float:
 SFT_FLAGS = ["--log-every", "2", "--eval-every", "2", "--sample-every", "1000", "--progress", "lines"]
 
 
-def _resume_matches(run_scion, run, steps: int) -> None:
+def in_process(*args) -> None:
+    """`scion ARGS` in this process: the same command, without starting Python, torch and peft again."""
+    from scion.cli.main import main
+
+    assert main([str(a) for a in args]) == 0
+
+
+def _resume_matches(run, steps: int) -> None:
     """A copy of the run without its last checkpoint, resumed, ends with the same weights."""
     copy = run.parent / (run.name + "-resumed")
     shutil.copytree(run, copy)
     shutil.rmtree(copy / "checkpoints" / f"step-{steps:08d}")
-    run_scion("sft", "--resume", copy, "--progress", "lines")
+    in_process("sft", "--resume", copy, "--progress", "lines")
     a = load_file(str(run / "checkpoints" / f"step-{steps:08d}" / "model.safetensors"))
     b = load_file(str(copy / "checkpoints" / f"step-{steps:08d}" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_full_fine_tuning_reports_bad_records_and_loads_as_a_chat_model(
-    run_scion, tiny_run, tmp_path, capsys
-):
+def test_full_fine_tuning_reports_bad_records_and_makes_a_chat_model(run_scion, tiny_run, tmp_path, capsys):
     data = write_lookup_task(tmp_path / "chats.jsonl", 40, bad=True)
     out = tmp_path / "sft"
-    proc = run_scion(
-        "sft",
-        tiny_run,
-        "--data",
-        data,
-        "--out",
-        out,
-        "--max-steps",
-        "4",
-        "--checkpoint-every",
-        "2",
-        *SFT_FLAGS,
-    )
+    proc = run_scion("sft", tiny_run, "--data", data, "--out", out, "--max-steps", "4",
+                     "--checkpoint-every", "2", *SFT_FLAGS)
     skipped = f"{data}:4: missing or non-string field(s) 'output'; {data}:6: not valid JSON"
     assert f"skipped 2 bad record(s): {skipped}" in proc.stderr
     report = json.loads((out / "sft-data.json").read_text())
@@ -115,51 +109,18 @@ def test_full_fine_tuning_reports_bad_records_and_loads_as_a_chat_model(
     chat = [{"role": "user", "content": "code of teal?"}, {"role": "assistant", "content": "2"}]
     ids = hf.apply_chat_template(chat, tokenize=True, return_dict=True)["input_ids"]
     assert list(ids) == encode_chat(BUILTIN["chatml"], chat, loaded.tokenizer)[0]
-    from scion.cli.main import main
-
-    assert (
-        main(
-            [
-                "generate",
-                str(out),
-                "--chat",
-                "--prompt",
-                "code of red?",
-                "--max-new-tokens",
-                "5",
-                "--temperature",
-                "0",
-            ]
-        )
-        == 0
-    )
+    in_process("generate", out, "--chat", "--prompt", "code of red?", "--max-new-tokens", "5",
+               "--temperature", "0")
     answer = capsys.readouterr().out
     assert answer.endswith("\n") and "<|im_end|>" not in answer and "<|im_start|>" not in answer
 
 
-def test_lora_checkpoints_hold_merged_weights_and_resume_exactly(run_scion, tiny_run, tmp_path):
+def test_lora_checkpoints_hold_merged_weights_and_resume_exactly(tiny_run, tmp_path):
     pytest.importorskip("peft")
     data = write_lookup_task(tmp_path / "chats.jsonl", 30)
     out = tmp_path / "lora"
-    run_scion(
-        "sft",
-        tiny_run,
-        "--data",
-        data,
-        "--out",
-        out,
-        "--max-steps",
-        "4",
-        "--checkpoint-every",
-        "2",
-        "--lora-rank",
-        "4",
-        "--lora-targets",
-        "q_proj,v_proj",
-        "--layout",
-        "pad",
-        *SFT_FLAGS,
-    )
+    in_process("sft", tiny_run, "--data", data, "--out", out, "--max-steps", "4", "--checkpoint-every", "2",
+               "--lora-rank", "4", "--lora-targets", "q_proj,v_proj", "--layout", "pad", *SFT_FLAGS)
     last = out / "checkpoints" / "step-00000004"
     adapters = load_file(str(last / "adapter.safetensors"))
     assert adapters and all("lora_" in k for k in adapters)
@@ -169,7 +130,7 @@ def test_lora_checkpoints_hold_merged_weights_and_resume_exactly(run_scion, tiny
     torch.testing.assert_close(
         tuned.model.blocks[0].attn.k_proj.weight, base.model.blocks[0].attn.k_proj.weight
     )
-    _resume_matches(run_scion, out, 4)
+    _resume_matches(out, 4)
 
 
 def test_bad_input_gets_one_clear_line(tiny_run, tmp_path, capsys):
@@ -207,13 +168,8 @@ def test_chat_in_a_terminal(chat_run, cache_dir):
     pexpect = pytest.importorskip("pexpect")
     from tests.conftest import scion_env
 
-    child = pexpect.spawn(
-        sys.executable,
-        ["-m", "scion", "chat", str(chat_run), "--max-new-tokens", "6", "--seed", "0"],
-        env=scion_env(cache_dir),
-        encoding="utf-8",
-        timeout=120,
-    )
+    args = ["-m", "scion", "chat", str(chat_run), "--max-new-tokens", "6", "--seed", "0"]
+    child = pexpect.spawn(sys.executable, args, env=scion_env(cache_dir), encoding="utf-8", timeout=120)
     try:
         child.expect("you> ")
         assert "chatting with" in child.before
@@ -236,31 +192,11 @@ def test_chat_in_a_terminal(chat_run, cache_dir):
 def test_fine_tuning_learns_a_task_the_base_model_cannot_do(run_scion, tiny_run, tmp_path):
     data = write_lookup_task(tmp_path / "lookup.jsonl", 400)
     out = tmp_path / "learned"
-    run_scion(
-        "sft",
-        tiny_run,
-        "--data",
-        data,
-        "--out",
-        out,
-        "--max-steps",
-        "60",
-        "--lr",
-        "3e-3",
-        "--checkpoint-every",
-        "60",
-        "--eval-every",
-        "30",
-        "--sample-every",
-        "1000",
-        "--progress",
-        "lines",
-    )
+    run_scion("sft", tiny_run, "--data", data, "--out", out, "--max-steps", "60", "--lr", "3e-3",
+              "--checkpoint-every", "60", "--eval-every", "30", "--sample-every", "1000",
+              "--progress", "lines")
     base, tuned = held_out_accuracy(tiny_run), held_out_accuracy(out)
     assert base <= 0.2 and tuned >= 0.5, (base, tuned)
-    val = [
-        json.loads(line)["val_loss"]
-        for line in (out / "metrics.jsonl").read_text().splitlines()
-        if "val_loss" in line
-    ]
+    val = [json.loads(line)["val_loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
+           if "val_loss" in line]
     assert val[-1] < val[0]
