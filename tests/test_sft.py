@@ -209,9 +209,10 @@ def test_pack_fills_rows_without_overflow():
     assert len(rows) == 5  # 55 tokens in rows of 12: best-fit needs the minimum
 
 
-def test_packed_conversations_do_not_see_each_other():
+@pytest.mark.parametrize("position", ["rope", "learned"])  # LLaMA and GPT-2 style models
+def test_packed_conversations_do_not_see_each_other(position):
     g = torch.Generator().manual_seed(0)
-    model = tiny_model(50)
+    model = tiny_model(50, position=position)
 
     def example(n):
         ids = torch.randint(0, 50, (n + 1,), generator=g).tolist()
