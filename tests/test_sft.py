@@ -143,7 +143,8 @@ def test_record_formats(tmp_path):
     sharegpt = {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}
     _jsonl(tmp_path / "a.jsonl", [alpaca, chat, sharegpt])
     pq.write_table(pa.Table.from_pylist([chat, chat]), tmp_path / "b.parquet")
-    records = read_records([str(tmp_path / "a.jsonl"), str(tmp_path / "b.parquet")])
+    (tmp_path / "c.json").write_text(json.dumps([alpaca], indent=2))  # alpaca_data.json is one array
+    records = read_records([str(tmp_path / "a.jsonl"), str(tmp_path / "b.parquet"), str(tmp_path / "c.json")])
     assert records.conversations[0] == [
         {"role": "user", "content": "Add\n\n2 and 3"},
         {"role": "assistant", "content": "5"},
@@ -153,7 +154,8 @@ def test_record_formats(tmp_path):
         {"role": "user", "content": "hi"},
         {"role": "assistant", "content": "yo"},
     ]
-    assert records.conversations[3:] == [chat["messages"]] * 2 and not records.bad
+    assert records.conversations[3:5] == [chat["messages"]] * 2 and not records.bad
+    assert records.conversations[5] == records.conversations[0]
 
 
 def test_saved_datasets_folder(tmp_path):
