@@ -152,6 +152,8 @@ def test_bad_input_gets_one_clear_line(tiny_run, tmp_path, capsys):
     assert code == 2 and "has no tokenizer" in err and "Traceback" not in err
     code, err = scion("sft", tiny_run, "--out", tmp_path / "w")
     assert code == 2 and "needs --data" in err
+    code, err = scion("sft", tiny_run, "--data", data, "--out", tiny_run)
+    assert code == 2 and "already exists" in err and "--resume" in err
     code, err = scion("chat", tiny_run)
     assert code == 2 and "no chat template" in err
 

@@ -173,6 +173,10 @@ def sft(
     tenth of it, and the sample prompts come from the held-out conversations. `preloaded` is the
     source's (model, tokenizer, config) when the caller has loaded it already."""
     options.validate()
+    out = Path(out)
+    if not resume and out.is_dir() and any(out.iterdir()) and not overwrite:  # before any slow work
+        hint = "--resume to continue it" if is_run(out) else "another --out"
+        raise ScionError(f"{out}: already exists and is not empty; use {hint}, or --overwrite to replace it")
     env = setup(cfg)
     model, tokenizer, _ = preloaded or load_source(options.source, env.device)
     model = model.to(env.device)
