@@ -20,6 +20,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,9 +102,10 @@ def save_checkpoint(
     optimizer_state: dict | None,
     trainer_state: dict,
     milestone: bool = False,
-    extra_files: dict[str, Path] | None = None,
+    extra_files: dict[str, Path | Callable[[Path], None]] | None = None,
 ) -> Path:
-    """Write a checkpoint atomically and return its folder."""
+    """Write a checkpoint atomically and return its folder. `extra_files` maps names in the
+    folder to files or folders to copy, or to functions that write the file at that path."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(step, tokens, milestone)
@@ -122,7 +124,9 @@ def save_checkpoint(
         (tmp / "trainer.json").write_text(json.dumps({**trainer_state, "step": step, "tokens": tokens}, indent=1))
         for name, src in (extra_files or {}).items():
             dst = tmp / name
-            if src.is_dir():
+            if callable(src):  # a writer, called with the destination path
+                src(dst)
+            elif src.is_dir():
                 shutil.copytree(src, dst)
             else:
                 shutil.copy2(src, dst)

@@ -207,8 +207,8 @@ class Transformer(nn.Module):
     ) -> torch.Tensor:
         """Logits for `idx` [batch, seq], or the mean cross-entropy when `targets` is given
         (targets of -100 are ignored). `pos` is the offset of idx in the sequence when decoding
-        with a KV cache; `doc_mask` [batch, 1, seq, seq] and `positions` [seq] serve packed
-        sequences whose documents must not attend to each other."""
+        with a KV cache; `doc_mask` [batch, 1, seq, seq] and `positions` ([seq], or [batch, seq]
+        when rows differ) serve packed sequences whose documents must not attend to each other."""
         T = idx.size(1)
         if pos + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {pos + T} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
@@ -220,6 +220,8 @@ class Transformer(nn.Module):
             rope = None
         else:
             rope = (self.rope_cos[positions].to(x.dtype), self.rope_sin[positions].to(x.dtype))
+            if positions.dim() == 2:  # one row of positions per sequence: broadcast over heads
+                rope = (rope[0][:, None], rope[1][:, None])
         for i, block in enumerate(self.blocks):
             cache = self.kv_caches[i] if self.kv_caches is not None else None
             x = block(x, rope, cache, pos, doc_mask)

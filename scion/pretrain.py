@@ -89,14 +89,17 @@ def train(
     reset_optimizer: bool = False,
     loss_fn: LossFn = lm_loss,
     progress: bool | None = None,
+    extra_checkpoint_files: dict | None = None,
 ) -> Trainer:
-    """Run the training loop on a prepared run directory (the recipes' common last step)."""
+    """Run the training loop on a prepared run directory (the recipes' common last step).
+    `extra_checkpoint_files` go into every checkpoint (see `scion.checkpoint.save_checkpoint`)."""
     train_model = parallelize(model, cfg.train.parallel, env.device, env.world)
     if cfg.train.compile:
         train_model = torch.compile(train_model)
     trainer = Trainer(cfg, run_dir, model, batches, val_batches=val, loss_fn=loss_fn, tokenizer=tokenizer,
                       device=env.device, precision=env.precision, world=env.world,
-                      parallel_model=train_model, progress=progress, log=log)
+                      parallel_model=train_model, progress=progress, log=log,
+                      extra_checkpoint_files=extra_checkpoint_files)
     if resume:
         ref = ckpt.find_resumable(run_dir, warn=log)
         if ref is None:

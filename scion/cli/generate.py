@@ -20,6 +20,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default="auto")
+    p.add_argument("--chat", action="store_true",
+                   help="treat --prompt as a user message: apply the run's chat template, print the answer")
+    p.add_argument("--system", default=None, help="with --chat: a system message before the prompt")
     args = p.parse_args(argv)
     if args.max_new_tokens < 0 or args.num_samples <= 0:
         raise ScionError("--max-new-tokens must be >= 0 and --num-samples > 0")
@@ -42,6 +45,8 @@ def main(argv: list[str]) -> int:
         raise ScionError(f"the prompt has {len(ids)} tokens; the model's context is {loaded.model.cfg.max_seq_len}")
     generator = torch.Generator(device=device)
     generator.manual_seed(args.seed if args.seed is not None else torch.seed())
+    if args.chat:
+        return _chat_once(args, loaded, generator)
     prompt = torch.tensor([ids] * args.num_samples, device=device)
     for n in range(args.num_samples):
         if args.num_samples > 1:
@@ -54,6 +59,29 @@ def main(argv: list[str]) -> int:
             if t == tok.eos_id:
                 break
             sys.stdout.write(tok.decode([t]))
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    return 0
+
+
+def _chat_once(args, loaded, generator) -> int:
+    """One answer to --prompt per sample, streamed, through the run's chat template."""
+    from scion.run import resolve_checkpoint
+    from scion.sft.chat import ChatSession, run_template
+
+    if not args.prompt:
+        raise ScionError("--chat needs --prompt, the user's message")
+    if args.max_new_tokens == 0:
+        return 0
+    run_dir, _ = resolve_checkpoint(args.run, args.checkpoint)
+    template = run_template(run_dir, loaded.tokenizer)
+    for n in range(args.num_samples):
+        if args.num_samples > 1:
+            print(f"--- sample {n + 1}", flush=True)
+        session = ChatSession(loaded.model, loaded.tokenizer, template, args.system, args.max_new_tokens,
+                              args.temperature, args.top_k or None, args.top_p, generator)
+        for piece in session.reply(args.prompt, remember=False):
+            sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
     return 0

@@ -19,6 +19,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("scion.cli.generate", "sample a continuation from a trained run"),
     "lazy": ("scion.cli.lazy", "attention rank k*, column mass m* and lazy layers of one or more models"),
     "report": ("scion.cli.report", "an HTML report of runs: loss, LR, throughput, samples, evals, lazy"),
+    "sft": ("scion.cli.sft", "instruction-tune a run on chats or Alpaca data (full or LoRA)"),
+    "chat": ("scion.cli.chat", "talk to an instruction-tuned run in the terminal"),
 }
 
 
