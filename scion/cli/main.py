@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tokenizer": ("scion.cli.tokenizer", "train a byte-level BPE tokenizer: scion tokenizer train ..."),
     "prepare": ("scion.cli.prepare", "tokenize text/JSONL/Parquet into packed token shards"),
     "generate": ("scion.cli.generate", "sample a continuation from a trained run"),
+    "consolidate": ("scion.cli.consolidate", "write an FSDP checkpoint's weights as one safetensors file"),
 }
 
 
