@@ -313,7 +313,7 @@ def test_torchrun_fsdp_then_resume_on_one_process(tmp_path, corpus, cache_dir):
     args = ["--data", str(corpus), "--out", str(run), "--max-steps", "4", "--checkpoint-every", "2",
             "--data.val-fraction", "0.2", "--tokens-per-step", str(8 * 64), "--device", "cpu",
             "--progress", "lines", *TINY_ARGS]
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "0",
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
               "-m", "scion", "pretrain", *args, "--parallel", "fsdp", "--activation-checkpointing"]
     proc = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
