@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 from pathlib import Path
 
@@ -48,14 +49,17 @@ class NumberedSamples:
     """Token windows that are a function of the global sample number, like the real sampler;
     records which samples this rank read."""
 
-    def __init__(self, vocab: int, seq_len: int):
+    def __init__(self, vocab: int, seq_len: int, signal_at: int | None = None):
         self.vocab, self.seq_len, self.read = vocab, seq_len, []
+        self.signal_at = signal_at  # send this process SIGTERM when it reads this sample
 
     def window(self, g: int) -> torch.Tensor:
         return torch.randint(0, self.vocab, (self.seq_len + 1,), generator=torch.Generator().manual_seed(g))
 
     def batch(self, start: int, size: int):
         self.read.extend(range(start, start + size))
+        if self.signal_at is not None and start <= self.signal_at < start + size:
+            os.kill(os.getpid(), signal.SIGTERM)
         data = torch.stack([self.window(g) for g in range(start, start + size)])
         return data[:, :-1], data[:, 1:]
 
@@ -67,8 +71,10 @@ class NumberedSamples:
 
 
 def train_run(run_dir: str, parallel: str, resume: bool = False, activation_checkpointing: bool = False,
-              consolidated: str = "auto", compile: bool = False) -> None:
-    """Train (or resume) a tiny run as `scion pretrain` does, on the world this process is in."""
+              consolidated: str = "auto", compile: bool = False, signal_at: tuple[int, int] | None = None,
+              ) -> None:
+    """Train (or resume) a tiny run as `scion pretrain` does, on the world this process is in.
+    `signal_at` = (rank, sample): that rank sends itself SIGTERM when it reads that sample."""
     from scion.pretrain import build_model, setup, train
 
     cfg = tiny_config(parallel, activation_checkpointing, consolidated, compile)
@@ -78,9 +84,12 @@ def train_run(run_dir: str, parallel: str, resume: bool = False, activation_chec
         run_dir.mkdir(parents=True, exist_ok=True)
         save_yaml(cfg, run_dir / "config.yaml")
     model = build_model(cfg, env.device)
-    data = NumberedSamples(cfg.model.vocab_size, SEQ)
-    train(cfg, run_dir, model, None, data, data.validation, env, resume=resume, progress=False)
-    (run_dir / f"read-rank{env.world.rank}.json").write_text(json.dumps(data.read))
+    rank = env.world.rank
+    signal_sample = signal_at[1] if signal_at and signal_at[0] == rank else None
+    data = NumberedSamples(cfg.model.vocab_size, SEQ, signal_sample)
+    trainer = train(cfg, run_dir, model, None, data, data.validation, env, resume=resume, progress=False)
+    (run_dir / f"read-rank{rank}.json").write_text(json.dumps(data.read))
+    (run_dir / f"stop-rank{rank}.txt").write_text(trainer.stop_reason or "")
 
 
 def _rank_main(rank: int, world_size: int, port: int, jobs: list[dict]) -> None:
@@ -116,13 +125,15 @@ def resumable_copy(src: Path, dst: Path) -> Path:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("distributed")
-    r = {name: root / name for name in ("single", "ddp", "fsdp", "single_to_2", "fsdp_to_1")}
+    r = {name: root / name for name in ("single", "ddp", "fsdp", "single_to_2", "fsdp_to_1", "signalled")}
     train_run(str(r["single"]), "none")
     resumable_copy(r["single"], r["single_to_2"])
     run_on_ranks(2, [
         dict(run_dir=str(r["ddp"]), parallel="ddp"),
         dict(run_dir=str(r["fsdp"]), parallel="fsdp", activation_checkpointing=True),
         dict(run_dir=str(r["single_to_2"]), parallel="fsdp", resume=True, consolidated="never"),
+        # rank 1 alone is sent SIGTERM while it reads its part of step 3 (samples 16..23)
+        dict(run_dir=str(r["signalled"]), parallel="fsdp", signal_at=(1, 2 * GLOBAL + GLOBAL // 2)),
     ])
     resumable_copy(r["fsdp"], r["fsdp_to_1"])
     train_run(str(r["fsdp_to_1"]), "none", resume=True)
@@ -222,7 +233,7 @@ def test_consolidate_writes_the_weights_of_a_shards_only_checkpoint(runs, run_sc
         load_model(runs["single_to_2"])
 
     out = runs["single_to_2"].parent / "export.safetensors"
-    run_scion("consolidate", runs["single_to_2"], "--out", out)
+    consolidate(folder, plain_model(), out)
     assert not (folder / "model.safetensors").exists()  # --out leaves the checkpoint as it was
     proc = run_scion("consolidate", runs["single_to_2"])
     assert "model.safetensors" in proc.stderr
@@ -261,6 +272,16 @@ def test_resume_on_another_world_size_continues_the_run(runs, resumed, uninterru
     trainer = json.loads((runs[resumed] / "checkpoints" / f"step-{STEPS:08d}" / "trainer.json").read_text())
     assert trainer["world_size"] == (1 if resumed == "fsdp_to_1" else 2)
     assert trainer["samples"] == STEPS * GLOBAL and trainer["tokens"] == STEPS * GLOBAL * SEQ
+
+
+def test_a_signal_to_one_rank_stops_all_after_the_same_step_with_a_checkpoint(runs):
+    run = runs["signalled"]
+    assert (run / "stop-rank1.txt").read_text() == "SIGTERM"
+    assert (run / "stop-rank0.txt").read_text() == "signal on another rank"
+    assert [ref.step for ref in ckpt.list_checkpoints(run)] == [2, 3]
+    assert ckpt.verify_checkpoint(run / "checkpoints" / "step-00000003") is None
+    reads = [json.loads((run / f"read-rank{r}.json").read_text()) for r in (0, 1)]
+    assert sorted(reads[0] + reads[1]) == list(range(3 * GLOBAL))
 
 
 # ---- the parts, in one process -------------------------------------------------------------

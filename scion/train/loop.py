@@ -245,6 +245,14 @@ class Trainer:
         self.log(f"{self.stop_reason} received: finishing this step and saving a checkpoint "
                  "(send it again to stop at once)")
 
+    def _agree_to_stop(self) -> None:
+        """All ranks stop after the same step when any of them was signalled (a tiny all-reduce;
+        the loss already waits for the step to finish)."""
+        flag = torch.tensor([1.0 if self.stop_reason else 0.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and not self.stop_reason:
+            self.stop_reason = "signal on another rank"
+
     # ---- the loop --------------------------------------------------------------------------
     def fit(self) -> TrainState:
         t, model = self.tcfg, self.train_model
@@ -252,7 +260,7 @@ class Trainer:
         fpt = flops_per_token(self.cfg.model, self.seq_len)
         peak = peak_flops(self.device, self.precision)
         installed = []
-        if self.world.main and hasattr(signal, "SIGTERM"):
+        if hasattr(signal, "SIGTERM"):  # every rank: torchrun passes the signal on to all of them
             for sig in (signal.SIGTERM, signal.SIGINT):
                 try:
                     installed.append((sig, signal.signal(sig, self._on_signal)))
@@ -267,6 +275,8 @@ class Trainer:
         try:
             while self.state.step < t.max_steps:
                 loss, grad_norm = self._step()
+                if self.world.size > 1:
+                    self._agree_to_stop()
                 window_loss += loss
                 window_steps += 1
                 window_tokens += self.global_batch * self.seq_len
