@@ -125,7 +125,8 @@ def resumable_copy(src: Path, dst: Path) -> Path:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("distributed")
-    r = {name: root / name for name in ("single", "ddp", "fsdp", "single_to_2", "fsdp_to_1", "signalled")}
+    names = ("single", "ddp", "fsdp", "single_to_2", "fsdp_to_1", "signalled", "single_to_1")
+    r = {name: root / name for name in names}
     train_run(str(r["single"]), "none")
     resumable_copy(r["single"], r["single_to_2"])
     run_on_ranks(2, [
@@ -137,6 +138,8 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     ])
     resumable_copy(r["fsdp"], r["fsdp_to_1"])
     train_run(str(r["fsdp_to_1"]), "none", resume=True)
+    resumable_copy(r["single"], r["single_to_1"])
+    train_run(str(r["single_to_1"]), "none", resume=True)
     return r
 
 
@@ -282,6 +285,12 @@ def test_a_signal_to_one_rank_stops_all_after_the_same_step_with_a_checkpoint(ru
     assert ckpt.verify_checkpoint(run / "checkpoints" / "step-00000003") is None
     reads = [json.loads((run / f"read-rank{r}.json").read_text()) for r in (0, 1)]
     assert sorted(reads[0] + reads[1]) == list(range(3 * GLOBAL))
+
+
+def test_resume_on_the_same_single_process_is_bit_exact(runs):
+    before, after = final_weights(runs["single"]), final_weights(runs["single_to_1"])
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert losses(runs["single"]) == losses(runs["single_to_1"])
 
 
 # ---- the parts, in one process -------------------------------------------------------------
