@@ -37,8 +37,8 @@ from scion.errors import ScionError
 
 NAME = re.compile(r"^step-(\d{8})(-.+-tokens)?$")
 COMPLETE = "checksums.json"
-# Files that hold the weights: whole (safetensors) or sharded (torch.distributed.checkpoint).
-WEIGHTS = {"model.safetensors": "whole", "dcp/.metadata": "sharded"}
+# Files that hold the weights: whole (safetensors), or sharded (torch.distributed.checkpoint).
+WEIGHT_FILES = ("model.safetensors", "dcp/.metadata")
 
 
 @dataclass(frozen=True)
@@ -184,7 +184,7 @@ def verify_checkpoint(path: str | Path) -> str | None:
         return "incomplete (no checksums.json)"
     except (json.JSONDecodeError, UnicodeDecodeError):
         return "checksums.json is corrupted"
-    if not isinstance(sums, dict) or not (WEIGHTS.keys() & sums.keys()):
+    if not isinstance(sums, dict) or not any(name in sums for name in WEIGHT_FILES):
         return "checksums.json does not list the weights"
     for name, digest in sums.items():
         f = path / name

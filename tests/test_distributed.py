@@ -296,6 +296,26 @@ def test_resume_on_the_same_single_process_is_bit_exact(runs):
 # ---- the parts, in one process -------------------------------------------------------------
 
 
+def test_without_tokens_per_step_a_resumed_run_keeps_its_global_batch(tmp_path):
+    from scion.train.loop import Trainer, World
+
+    cfg = tiny_config()
+    cfg.train.tokens_per_step, cfg.train.micro_batch_size = None, 4  # one micro-batch of 4 per device
+    first = Trainer(cfg, tmp_path, plain_model(), NumberedSamples(128, SEQ))
+    assert (first.global_batch, first.accum) == (4, 1)
+    first.save()
+    cfg.train.micro_batch_size = 1  # resumed on 2 ranks with smaller micro-batches
+    second = Trainer(cfg, tmp_path, plain_model(), NumberedSamples(128, SEQ), world=World(0, 2, 0))
+    assert second.global_batch == 2
+    second.resume(ckpt.list_checkpoints(tmp_path)[-1])
+    assert (second.global_batch, second.accum) == (4, 2)
+    cfg.train.micro_batch_size = 3  # 4 sequences do not split into micro-batches of 3 on 2 ranks
+    third = Trainer(cfg, tmp_path, plain_model(), NumberedSamples(128, SEQ), world=World(0, 2, 0))
+    with pytest.raises(ScionError, match="must be a multiple of micro_batch_size x world size"):
+        third.resume(ckpt.list_checkpoints(tmp_path)[-1])
+
+
+
 def test_activation_checkpointing_keeps_parameter_names_and_gradients():
     from scion.parallel import apply_activation_checkpointing
 

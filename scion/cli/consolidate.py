@@ -1,4 +1,4 @@
-"""scion consolidate: write the sharded weights of an FSDP checkpoint as one model.safetensors."""
+"""scion consolidate: write an FSDP checkpoint's sharded weights as one model.safetensors."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ examples:
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="scion consolidate", description=__doc__.splitlines()[0] + EXAMPLES,
+    description = __doc__.splitlines()[0] + "\n" + EXAMPLES
+    p = argparse.ArgumentParser(prog="scion consolidate", description=description,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", help="run directory, or one checkpoint folder")
     p.add_argument("--checkpoint", default=None, help="step number or folder name (default: the latest)")
