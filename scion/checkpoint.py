@@ -8,6 +8,12 @@ A checkpoint is a folder `RUN_DIR/checkpoints/step-00000200` (milestones add the
     trainer.json        step, tokens seen, sampler position, model config, world size, ...
     checksums.json      SHA-256 of every file above; written last, it marks the folder complete
 
+A run trained with FSDP writes its weights and optimizer state sharded, by all ranks at once,
+instead of model.safetensors and optimizer.pt (see scion.dist_checkpoint):
+    dcp/                torch.distributed.checkpoint shards, reshardable to any world size
+    optimizer_groups.json  the optimizer's hyperparameters per parameter group
+    model.safetensors   a consolidated copy of the weights, for small models (or `scion consolidate`)
+
 Writing happens in a hidden temporary folder that is renamed into place only when complete, so
 a crash mid-save never leaves a folder that looks like a checkpoint. Nothing here executes code
 from a file: weights are safetensors, the rest is JSON or tensors read with weights_only.
@@ -32,6 +38,8 @@ from scion.errors import ScionError
 
 NAME = re.compile(r"^step-(\d{8})(-.+-tokens)?$")
 COMPLETE = "checksums.json"
+# Files that hold the weights: whole (safetensors), or sharded (torch.distributed.checkpoint).
+WEIGHT_FILES = ("model.safetensors", "dcp/.metadata")
 
 
 @dataclass(frozen=True)
@@ -103,18 +111,18 @@ def save_checkpoint(
     trainer_state: dict,
     milestone: bool = False,
     extra_files: dict[str, Path | Callable[[Path], None]] | None = None,
+    staging: Path | None = None,
 ) -> Path:
     """Write a checkpoint atomically and return its folder. `extra_files` maps names in the
-    folder to files or folders to copy, or to functions that write the file at that path."""
+    folder to files or folders to copy, or to functions that write the file at that path.
+    `staging` is a folder from `staging_folder` that already holds files written by all ranks
+    (sharded weights and optimizer state); `model_weights` may then be None."""
     root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(step, tokens, milestone)
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    tmp = staging or staging_folder(run_dir, step, tokens, milestone)
     try:
-        save_file(model_weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if model_weights is not None:
+            save_file(model_weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if optimizer_state is not None:
             torch.save(optimizer_state, tmp / "optimizer.pt")
         rng = {"torch": torch.get_rng_state()}
@@ -160,6 +168,17 @@ def save_checkpoint(
     return final
 
 
+def staging_folder(run_dir: str | Path, step: int, tokens: int, milestone: bool = False) -> Path:
+    """A fresh hidden folder next to where the checkpoint will go; renamed into place when complete."""
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".tmp-{checkpoint_name(step, tokens, milestone)}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    return tmp
+
+
 def verify_checkpoint(path: str | Path) -> str | None:
     """None when every file matches its recorded checksum, else what is wrong."""
     path = Path(path)
@@ -169,7 +188,7 @@ def verify_checkpoint(path: str | Path) -> str | None:
         return "incomplete (no checksums.json)"
     except (json.JSONDecodeError, UnicodeDecodeError):
         return "checksums.json is corrupted"
-    if not isinstance(sums, dict) or "model.safetensors" not in sums:
+    if not isinstance(sums, dict) or not any(name in sums for name in WEIGHT_FILES):
         return "checksums.json does not list the weights"
     for name, digest in sums.items():
         f = path / name
@@ -197,6 +216,9 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(f))
     except FileNotFoundError as e:
+        if (f.parent / "dcp" / ".metadata").is_file():
+            raise ScionError(f"{f.parent}: the weights are saved sharded only; write {f.name} with "
+                             f"`scion consolidate {f.parent}`") from e
         raise ScionError(f"{f}: no weights found") from e
     except (SafetensorError, OSError) as e:
         raise ScionError(f"{f}: unreadable weights ({e}); use an earlier checkpoint") from e

@@ -104,6 +104,9 @@ class TrainConfig:
     keep_last: int = 2  # regular checkpoints kept; milestones are never deleted
     milestone_every: int = 0  # steps between permanent milestone checkpoints; 0: none
     tensorboard: bool = False
+    # With --parallel fsdp: also write the weights whole (model.safetensors) in each checkpoint,
+    # beside the shards. auto: for models up to 2B parameters; otherwise `scion consolidate`.
+    consolidated_weights: Literal["auto", "always", "never"] = "auto"
 
     def validate(self, model: ModelConfig) -> None:
         for name in ["max_steps", "micro_batch_size", "log_every", "eval_every", "sample_every",

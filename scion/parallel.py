@@ -1,7 +1,16 @@
 """Applying parallelism to a built model. The model code knows nothing of this module.
 
 torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; `init_distributed` joins the process group
-(NCCL on GPUs, gloo on CPUs) and `parallelize` wraps the model for the chosen strategy.
+(NCCL on GPUs, gloo on CPUs) and `parallelize` prepares the model for the chosen strategy, in
+torchtitan's order:
+
+    activation checkpointing   each block's activations are recomputed in the backward pass
+    torch.compile              per block for FSDP (before sharding); the whole model otherwise
+    FSDP2 / DDP                `fully_shard` on every block, then on the root; or DDP
+
+FSDP2 shards in place: the model keeps its class and parameter names, its parameters become
+DTensors, and the returned module is the model itself. DDP wraps: the model stays a plain
+module and the wrapper is what forward/backward runs through.
 """
 
 from __future__ import annotations
@@ -10,6 +19,7 @@ import os
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from scion.errors import ScionError
 from scion.train.loop import World
@@ -17,30 +27,100 @@ from scion.train.loop import World
 
 def init_distributed(parallel: str, device: torch.device) -> World:
     world = World.from_env()
-    if world.size == 1:
+    if world.size == 1 and parallel != "fsdp":
         return world
     if parallel == "none":
         raise ScionError(
-            f"started on {world.size} processes but --parallel is none; pass --parallel ddp or --parallel fsdp"
+            f"started on {world.size} processes but --parallel is none; "
+            "pass --parallel ddp or --parallel fsdp"
         )
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(backend=backend)
+        if world.size == 1 and "MASTER_ADDR" not in os.environ:
+            # FSDP on one device without torchrun: a process group of one, no network needed.
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+        else:
+            dist.init_process_group(backend=backend)
     return world
 
 
-def parallelize(model: torch.nn.Module, parallel: str, device: torch.device, world: World) -> torch.nn.Module:
-    """The module that forward/backward should run through."""
-    if world.size == 1 or parallel == "none":
+def parallelize(
+    model: nn.Module,
+    parallel: str,
+    device: torch.device,
+    world: World,
+    *,
+    compile: bool = False,
+    activation_checkpointing: bool = False,
+    precision: str = "fp32",
+) -> nn.Module:
+    """The module that forward/backward should run through (for FSDP, the model itself)."""
+    if activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if parallel == "fsdp":
+        if compile:
+            for block in model.blocks:
+                block.compile()  # in place: parameter names do not change
+        apply_fsdp(model, device, world, precision)
         return model
-    if parallel == "ddp":
+    train_model = model
+    if parallel == "ddp" and world.size > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ids = [device.index] if device.type == "cuda" else None
-        return DDP(model, device_ids=ids)
-    raise ScionError(f"--parallel {parallel} is not available in this build; use ddp")
+        train_model = DDP(model, device_ids=ids)
+    if compile:
+        train_model = torch.compile(train_model)
+    return train_model
+
+
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each block's activations in the backward pass instead of keeping them.
+    The wrapper's state-dict hooks keep the checkpoint keys unchanged."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    for i, block in enumerate(model.blocks):
+        model.blocks[i] = checkpoint_wrapper(block, preserve_rng_state=False)
+
+
+def mixed_precision(device: torch.device, precision: str):
+    """bf16 parameters for compute with fp32 gradient reduction on GPUs; plain fp32 elsewhere
+    (gloo reduces in fp32, and the CPU path uses autocast for bf16 instead)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if device.type == "cuda" and precision == "bf16":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()
+
+
+def apply_fsdp(model: nn.Module, device: torch.device, world: World, precision: str = "fp32") -> None:
+    """FSDP2: each block is one communication unit, the root holds the embeddings, final norm
+    and head (tied weights stay together there). The last block is not resharded after the
+    forward pass, since the backward pass needs it straight away."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (world.size,))
+    policy = mixed_precision(device, precision)
+    blocks = list(model.blocks)
+    for i, block in enumerate(blocks):
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=i < len(blocks) - 1)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+
+
+def is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def state_io(parallel: str, consolidate: str = "auto"):
+    """How checkpoints are written and read for this kind of parallelism (see dist_checkpoint)."""
+    from scion.dist_checkpoint import FullStateIO, ShardedStateIO
+
+    return ShardedStateIO(consolidate) if parallel == "fsdp" else FullStateIO()
 
 
 def shutdown() -> None:

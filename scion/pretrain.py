@@ -16,7 +16,7 @@ from scion.data.dataset import Sampler, TokenSplit, eval_batches
 from scion.data.sources import resolve_datasets
 from scion.errors import ScionError
 from scion.model import Transformer
-from scion.parallel import init_distributed, parallelize
+from scion.parallel import init_distributed, parallelize, state_io
 from scion.run import check_new_run_dir, prepare_run_dir, write_data_record
 from scion.tokenizer import Tokenizer
 from scion.train.device import resolve_device, resolve_precision
@@ -93,26 +93,28 @@ def train(
 ) -> Trainer:
     """Run the training loop on a prepared run directory (the recipes' common last step).
     `extra_checkpoint_files` go into every checkpoint (see `scion.checkpoint.save_checkpoint`)."""
-    train_model = parallelize(model, cfg.train.parallel, env.device, env.world)
-    if cfg.train.compile:
-        train_model = torch.compile(train_model)
+    t = cfg.train
+    say = log if env.world.main else (lambda msg: None)
+    train_model = parallelize(model, t.parallel, env.device, env.world, compile=t.compile,
+                              activation_checkpointing=t.activation_checkpointing, precision=env.precision)
     trainer = Trainer(cfg, run_dir, model, batches, val_batches=val, loss_fn=loss_fn, tokenizer=tokenizer,
                       device=env.device, precision=env.precision, world=env.world,
                       parallel_model=train_model, progress=progress, log=log,
+                      state_io=state_io(t.parallel, t.consolidated_weights),
                       extra_checkpoint_files=extra_checkpoint_files)
     if resume:
-        ref = ckpt.find_resumable(run_dir, warn=log)
+        ref = ckpt.find_resumable(run_dir, warn=say)
         if ref is None:
             raise ScionError(f"{run_dir}: no complete checkpoint to resume from; start a new run with --out")
         trainer.resume(ref, reset_optimizer=reset_optimizer)
-        log(f"resuming {run_dir} from {ref.path.name} (step {trainer.state.step}, "
+        say(f"resuming {run_dir} from {ref.path.name} (step {trainer.state.step}, "
             f"{trainer.state.tokens:,} tokens)")
     if trainer.state.step >= cfg.train.max_steps:
-        log(f"{run_dir}: already trained for {trainer.state.step} steps (max_steps {cfg.train.max_steps}); "
+        say(f"{run_dir}: already trained for {trainer.state.step} steps (max_steps {cfg.train.max_steps}); "
             "raise --max-steps to continue")
         return trainer
     n = model.num_params()
-    log(f"model {cfg.model.name}: {n / 1e6:.2f}M parameters | {env.device} {env.precision} | "
+    say(f"model {cfg.model.name}: {n / 1e6:.2f}M parameters | {env.device} {env.precision} | "
         f"{trainer.global_batch} x {trainer.seq_len} tokens per step ({trainer.accum} micro-steps x "
         f"{env.world.size} ranks) | {cfg.train.max_steps} steps")
     trainer.fit()

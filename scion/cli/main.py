@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("scion.cli.report", "an HTML report of runs: loss, LR, throughput, samples, evals, lazy"),
     "sft": ("scion.cli.sft", "instruction-tune a run on chats or Alpaca data (full or LoRA)"),
     "chat": ("scion.cli.chat", "talk to an instruction-tuned run in the terminal"),
+    "consolidate": ("scion.cli.consolidate", "write an FSDP checkpoint's weights as one safetensors file"),
 }
 
 

@@ -17,6 +17,7 @@ examples:
   scion pretrain --resume runs/a                   # continue from the latest checkpoint
   scion pretrain --resume runs/a --max-steps 4000  # ... and train longer
   torchrun --nproc-per-node 8 -m scion pretrain --config ... --parallel ddp
+  torchrun --nproc-per-node 8 -m scion pretrain --config ... --parallel fsdp --activation-checkpointing
 """
 
 STOPPED_EARLY = 75  # EX_TEMPFAIL: stopped by a signal or time limit, checkpoint saved, resumable

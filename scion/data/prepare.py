@@ -19,6 +19,7 @@ tokens. The result reads exactly as a single worker's would.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -96,6 +97,17 @@ class _BinWriter:
         self.bins[self.name] += len(tokens)
         record[self.split][2] += len(tokens)
 
+    def rollback(self, record: dict) -> None:
+        """Drop the tokens of the file `record` describes; they are the last ones written."""
+        if self.split not in record:
+            return
+        name, offset, _ = record.pop(self.split)
+        self.fh.flush()
+        self.fh.truncate(offset * self.dtype.itemsize)
+        self.fh.seek(0, os.SEEK_END)
+        self.bins[name] = offset
+        self.current_file = None
+
     def close(self) -> None:
         if self.fh:
             self.fh.flush()
@@ -135,44 +147,44 @@ def prepare(paths: list[str], tokenizer: Tokenizer, out: str | Path, opts: Prepa
             arr = np.asarray(ids + [eos] if add_eos else ids, dtype=np.int64)
             writers[split].write(file_index, arr, record)
 
+    # Pieces stream into the batch and the batch goes to the tokenizer as soon as it is full, so
+    # memory holds about two batches whatever the sizes of the files.
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending, batch, batch_chars = None, [], 0
         for file_index, path in mine:
             record = {"path": str(path), "index": file_index, "bytes": path.stat().st_size, "documents": 0}
-            pieces: list = []
             try:
                 piece_index = 0
                 for text, ends_doc in read_pieces(path, opts.text_field, opts.piece_chars):
                     split = "val" if goes_to_val(file_index, piece_index, opts.val_fraction) else "train"
                     next_split = "val" if goes_to_val(file_index, piece_index + 1, opts.val_fraction) else "train"
-                    pieces.append((record, file_index, split, ends_doc or next_split != split, text))
+                    batch.append((record, file_index, split, ends_doc or next_split != split, text))
+                    batch_chars += len(text)
                     record["documents"] += ends_doc
                     piece_index += 1
-                    if not ends_doc and len(pieces) > 4096:
-                        # A very long file: hand its first pieces over instead of holding them.
-                        batch.extend(pieces)
-                        batch_chars += sum(len(p[4]) for p in pieces)
-                        pieces = []
+                    if batch_chars >= BATCH_CHARS:
+                        if pending is not None:
+                            flush(pending)
+                        pending, batch, batch_chars = pool.submit(encode, batch), [], 0
             except BadFile as e:
                 if opts.bad_files == "error":
                     raise ScionError(f"{path}: {e}; fix or remove the file, or pass --bad-files skip") from e
+                # Take back what this file already gave: pieces waiting, and tokens written.
+                if pending is not None:
+                    flush(pending)
+                    pending = None
+                batch = [b for b in batch if b[0] is not record]
+                batch_chars = sum(len(b[4]) for b in batch)
+                for w in writers.values():
+                    w.rollback(record)
                 stats.skipped.append((str(path), str(e)))
                 record.update(skipped=str(e), documents=0)
                 records.append(record)
                 bar.update(record["bytes"])
-                # Pieces of this file already handed over cannot be taken back: refuse instead.
-                if any(b[0] is record for b in batch):
-                    raise ScionError(f"{path}: {e} (found part-way through a very long file)") from e
                 continue
             stats.files += 1
             records.append(record)
-            batch.extend(pieces)
-            batch_chars += sum(len(p[4]) for p in pieces)
             bar.update(record["bytes"])
-            if batch_chars >= BATCH_CHARS:
-                if pending is not None:
-                    flush(pending)
-                pending, batch, batch_chars = pool.submit(encode, batch), [], 0
         if pending is not None:
             flush(pending)
         if batch:
@@ -181,14 +193,14 @@ def prepare(paths: list[str], tokenizer: Tokenizer, out: str | Path, opts: Prepa
     for w in writers.values():
         w.close()
 
-    if stats.files == 0:
+    if stats.files == 0 and not tag:  # a worker may have no files, or only bad ones: merge judges
         detail = ""
         if stats.skipped:
             detail = f" ({len(stats.skipped)} skipped; {stats.skipped[0][0]}: {stats.skipped[0][1]})"
         raise ScionError(f"{', '.join(paths)}: no readable text found{detail}")
     tokenizer.save(out / "tokenizer")
     manifest = build_manifest(records, {**writers["train"].bins, **writers["val"].bins}, tokenizer, opts,
-                              dtype, seconds=time.time() - started)
+                              dtype, seconds=time.time() - started, inputs=describe_inputs(files))
     name = f"manifest.{tag[:-1]}.json" if tag else "manifest.json"
     write_json_atomic(out / name, manifest)
     if not tag:
@@ -196,7 +208,15 @@ def prepare(paths: list[str], tokenizer: Tokenizer, out: str | Path, opts: Prepa
     return manifest
 
 
-def build_manifest(records, bins, tokenizer: Tokenizer, opts: PrepareOptions, dtype, seconds=0.0) -> dict:
+def describe_inputs(files: list[Path]) -> dict:
+    """The whole input file list (every worker's, not only its share), to check at merge time
+    that all workers saw the same files: their count, and a digest of their names and sizes."""
+    listing = json.dumps([[f.name, f.stat().st_size] for f in files])
+    return {"files": len(files), "sha256": hashlib.sha256(listing.encode()).hexdigest()}
+
+
+def build_manifest(records, bins, tokenizer: Tokenizer, opts: PrepareOptions, dtype, seconds=0.0,
+                   inputs: dict | None = None) -> dict:
     totals = {s: sum(r[s][2] for r in records if s in r) for s in SPLITS}
     return {
         "format": FORMAT,
@@ -207,6 +227,7 @@ def build_manifest(records, bins, tokenizer: Tokenizer, opts: PrepareOptions, dt
         "val_fraction": opts.val_fraction,
         "piece_chars": opts.piece_chars,
         "text_field": opts.text_field,
+        "inputs": inputs,
         "shard": list(opts.shard),
         "files": records,
         "bins": bins,
@@ -245,14 +266,22 @@ def merge(out: str | Path) -> dict:
         missing = sorted(set(range(n)) - set(have))
         raise ScionError(f"{out}: worker manifests incomplete for {n} workers (missing {missing}); "
                          "run the missing workers first")
-    keys = ("format", "dtype", "vocab_size", "eos_id", "tokenizer_sha256", "val_fraction", "piece_chars", "text_field")
+    keys = ("format", "dtype", "vocab_size", "eos_id", "tokenizer_sha256", "val_fraction", "piece_chars",
+            "text_field", "inputs")
     for m, p in zip(manifests, parts, strict=True):
+        if m.get("inputs") != manifests[0].get("inputs"):
+            raise ScionError(f"{p}: this worker saw other input files than {parts[0].name}; run every worker "
+                             "on the same --data, then merge")
         for k in keys:
-            if m[k] != manifests[0][k]:
+            if m.get(k) != manifests[0].get(k):
                 raise ScionError(f"{p}: {k} differs from {parts[0].name}; prepare all workers with the same settings")
     records = sorted((r for m in manifests for r in m["files"]), key=lambda r: r["index"])
+    expected = (manifests[0].get("inputs") or {}).get("files", len(records))
+    if [r["index"] for r in records] != list(range(expected)):
+        raise ScionError(f"{out}: the workers' manifests do not cover the input files once each; the workers "
+                         "saw different file lists. Run every worker on the same --data, then merge")
     bins = {name: count for m in manifests for name, count in m["bins"].items()}
-    merged = {k: manifests[0][k] for k in keys}
+    merged = {k: manifests[0].get(k) for k in keys}
     merged.update(shard=[0, 1], files=records, bins=bins,
                   seconds=round(sum(m.get("seconds", 0.0) for m in manifests), 3))
     merged["totals"] = {
@@ -264,7 +293,8 @@ def merge(out: str | Path) -> dict:
     }
     # Keys in the same order as a single worker writes them.
     merged = {k: merged[k] for k in ("format", "dtype", "vocab_size", "eos_id", "tokenizer_sha256", "val_fraction",
-                                     "piece_chars", "text_field", "shard", "files", "bins", "totals", "seconds")}
+                                     "piece_chars", "text_field", "inputs", "shard", "files", "bins", "totals",
+                                     "seconds")}
     check_not_empty(merged, out)
     write_json_atomic(out / "manifest.json", merged)
     return merged

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from scion import checkpoint as ckpt
 from scion.config import RunConfig
+from scion.dist_checkpoint import FullStateIO
 from scion.errors import ScionError
 from scion.generate import generate
 from scion.model import Transformer, flops_per_token
@@ -142,6 +143,7 @@ class Trainer:
         progress: bool | None = None,
         log: Callable[[str], None] | None = None,
         extra_checkpoint_files: dict[str, Path] | None = None,
+        state_io=None,  # how weights and optimizer state are saved and read (scion.dist_checkpoint)
     ):
         self.cfg, self.tcfg = cfg, cfg.train
         self.run_dir = Path(run_dir)
@@ -157,6 +159,7 @@ class Trainer:
         self.metrics = MetricsLog(self.run_dir, self.world.main, self.tcfg.tensorboard)
         self.progress = progress
         self.extra_checkpoint_files = extra_checkpoint_files or {}
+        self.state_io = state_io or FullStateIO()
         self._log = log or (lambda msg: tqdm.write(msg, file=sys.stderr))
         self.seq_len = cfg.train.sequence_length(cfg.model)
         self.global_batch, self.accum = self._batch_geometry()
@@ -164,11 +167,11 @@ class Trainer:
         self._signals = 0
 
     # ---- geometry --------------------------------------------------------------------------
-    def _batch_geometry(self) -> tuple[int, int]:
+    def _batch_geometry(self, tokens: int | None = None) -> tuple[int, int]:
         """Global batch in sequences and the gradient-accumulation steps per rank."""
         t, world = self.tcfg, self.world.size
         per_micro = t.micro_batch_size * world
-        tokens = t.tokens_per_step or per_micro * self.seq_len
+        tokens = tokens or t.tokens_per_step or per_micro * self.seq_len
         if tokens % (per_micro * self.seq_len):
             raise ScionError(
                 f"train.tokens_per_step ({tokens}) must be a multiple of micro_batch_size x world size x "
@@ -192,14 +195,12 @@ class Trainer:
         }
 
     def save(self, milestone: bool = False) -> Path | None:
-        weights = ckpt.model_state(self.model)
-        opt_state = self.optimizer.state_dict()
-        path = None
+        path = self.state_io.save(
+            self.run_dir, self.state.step, self.state.tokens, self.model, self.optimizer,
+            self.trainer_state(), self.world.main, milestone=milestone,
+            extra_files=self.extra_checkpoint_files,
+        )
         if self.world.main:
-            path = ckpt.save_checkpoint(
-                self.run_dir, self.state.step, self.state.tokens, weights, opt_state,
-                self.trainer_state(), milestone=milestone, extra_files=self.extra_checkpoint_files,
-            )
             ckpt.prune(self.run_dir, self.tcfg.keep_last)
         if self.world.size > 1:
             dist.barrier()
@@ -212,7 +213,11 @@ class Trainer:
                 f"{ref.path}: this checkpoint is of another model architecture than the run's config; "
                 "resume with the config it was trained with"
             )
-        ckpt.load_into(self.model, ckpt.load_weights(ref.path), ref.path)
+        self.state_io.load_model(ref.path, self.model)
+        same_seq = saved.get("seq_len") == self.seq_len
+        if not self.tcfg.tokens_per_step and saved.get("global_batch") and same_seq:
+            # One micro-batch per device was the run's default: keep its global batch on any world size.
+            self.global_batch, self.accum = self._batch_geometry(saved["global_batch"] * self.seq_len)
         if (saved.get("global_batch"), saved.get("seq_len")) != (self.global_batch, self.seq_len):
             raise ScionError(
                 f"{ref.path}: saved with a global batch of {saved.get('global_batch')} x {saved.get('seq_len')} "
@@ -222,14 +227,14 @@ class Trainer:
             self.log("WARNING: --reset-optimizer: resuming WITHOUT the optimizer's moments. Expect a loss "
                      "spike and slower progress (the DMaS-LLaMa-Lite lesson); the LR schedule continues.")
         else:
-            self.optimizer.load_state_dict(ckpt.load_optimizer_state(ref.path))
+            self.state_io.load_optimizer(ref.path, self.model, self.optimizer)
         ckpt.load_rng(ref.path)
         known = {k: saved[k] for k in ("step", "tokens", "skipped_steps", "best_val_loss", "extra") if k in saved}
         self.state = TrainState(**known)
         self.metrics.truncate_after(self.state.step)
         if saved.get("world_size", 1) != self.world.size:
             self.log(f"resuming a run saved on {saved.get('world_size')} ranks on {self.world.size}: "
-                     "the data order and batch are unchanged")
+                     f"the data order and global batch are unchanged ({self.accum} micro-steps per rank)")
 
     # ---- signals ---------------------------------------------------------------------------
     def _on_signal(self, signum, frame) -> None:
@@ -240,6 +245,14 @@ class Trainer:
         self.log(f"{self.stop_reason} received: finishing this step and saving a checkpoint "
                  "(send it again to stop at once)")
 
+    def _agree_to_stop(self) -> None:
+        """All ranks stop after the same step when any of them was signalled (a tiny all-reduce;
+        the loss already waits for the step to finish)."""
+        flag = torch.tensor([1.0 if self.stop_reason else 0.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and not self.stop_reason:
+            self.stop_reason = "signal on another rank"
+
     # ---- the loop --------------------------------------------------------------------------
     def fit(self) -> TrainState:
         t, model = self.tcfg, self.train_model
@@ -247,7 +260,7 @@ class Trainer:
         fpt = flops_per_token(self.cfg.model, self.seq_len)
         peak = peak_flops(self.device, self.precision)
         installed = []
-        if self.world.main and hasattr(signal, "SIGTERM"):
+        if hasattr(signal, "SIGTERM"):  # every rank: torchrun passes the signal on to all of them
             for sig in (signal.SIGTERM, signal.SIGINT):
                 try:
                     installed.append((sig, signal.signal(sig, self._on_signal)))
@@ -262,6 +275,8 @@ class Trainer:
         try:
             while self.state.step < t.max_steps:
                 loss, grad_norm = self._step()
+                if self.world.size > 1:
+                    self._agree_to_stop()
                 window_loss += loss
                 window_steps += 1
                 window_tokens += self.global_batch * self.seq_len
@@ -346,14 +361,18 @@ class Trainer:
         model = self.train_model
         model.eval()
         total = torch.zeros(2, device=self.device, dtype=torch.float64)
-        for i, batch in enumerate(self.val_batches()):
-            if i % self.world.size != self.world.rank:
-                continue
-            batch = to_device(batch, self.device)
+        batches = list(self.val_batches())
+        # Every rank runs as many forward passes as the busiest one (a sharded model gathers its
+        # weights in each, collectively); a rank with no batch left repeats one with weight 0.
+        rounds = -(-len(batches) // self.world.size)
+        for r in range(rounds):
+            i = r * self.world.size + self.world.rank
+            weight = 1.0 if i < len(batches) else 0.0
+            batch = to_device(batches[min(i, len(batches) - 1)], self.device)
             with autocast(self.device, self.precision):
                 loss = self.loss_fn(model, batch)
-            total[0] += loss.double()
-            total[1] += 1
+            total[0] += weight * loss.double()
+            total[1] += weight
         if self.world.size > 1:
             dist.all_reduce(total)
         model.train()
@@ -370,8 +389,8 @@ class Trainer:
         return val
 
     def sample(self, bar=None) -> None:
-        if not self.world.main:
-            return
+        # Every rank samples the same tokens (a sharded model needs all ranks in each forward);
+        # the main rank records them.
         t = self.tcfg
         generator = torch.Generator(device=self.device).manual_seed(t.seed + self.state.step)
         lines = []
@@ -380,6 +399,8 @@ class Trainer:
             x = torch.tensor([ids], device=self.device)
             with autocast(self.device, self.precision):
                 out = generate(self.model, x, t.sample_tokens, temperature=0.8, top_k=50, generator=generator)
+            if not self.world.main:
+                continue
             text = self.tokenizer.decode(out[0, len(ids):].tolist())
             self.metrics.write({"step": self.state.step, "tokens": self.state.tokens, "prompt": prompt,
                                 "text": text}, file="samples.jsonl")
