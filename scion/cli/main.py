@@ -17,6 +17,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tokenizer": ("scion.cli.tokenizer", "train a byte-level BPE tokenizer: scion tokenizer train ..."),
     "prepare": ("scion.cli.prepare", "tokenize text/JSONL/Parquet into packed token shards"),
     "generate": ("scion.cli.generate", "sample a continuation from a trained run"),
+    "inherit": ("scion.cli.inherit", "Inheritune: a smaller model from a reference's first blocks, trained"),
+    "grow": ("scion.cli.grow", "Inheritune's Algorithm 1: train, grow by the reference's next blocks, repeat"),
+    "experiment": ("scion.cli.experiment", "a paper's experiment end to end: scion experiment inheritune"),
 }
 
 
