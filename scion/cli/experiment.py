@@ -47,7 +47,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--max-steps", type=int, default=None, help="T, the steps of every run")
     p.add_argument("--target-layers", type=int, default=None, help="n (default: half the reference's depth)")
     p.add_argument("--recipes", default=None, help="comma-separated recipes (default: all)")
-    p.add_argument("--sweep", type=_int_list, default=None, metavar="N,N,...", help="also train n = each of these")
+    p.add_argument(
+        "--sweep", type=_int_list, default=None, metavar="N,N,...", help="also train n = each of these"
+    )
     p.add_argument("--no-grow", action="store_true", help="stop Inheritune after round 1")
     p.add_argument("--device", default=None, help="auto, cpu, cuda, ...")
     p.add_argument("--progress", choices=["auto", "bar", "lines"], default="auto")
@@ -87,6 +89,8 @@ def main(argv: list[str]) -> int:
         raise ScionError("the experiment trained nothing; check --recipes")
     plots = experiment.plot()
     print(results_markdown(rows, experiment.T))
-    print(f"\nresults: {out / 'results.md'}, {out / 'results.json'}; plots: {', '.join(map(str, plots))}",
-          file=sys.stderr)
+    print(
+        f"\nresults: {out / 'results.md'}, {out / 'results.json'}; plots: {', '.join(map(str, plots))}",
+        file=sys.stderr,
+    )
     return 0

@@ -27,12 +27,16 @@ STOPPED_EARLY = 75
 
 def main(argv: list[str]) -> int:
     p = base_parser("scion grow", "Inheritune's Algorithm 1: inherit, train, grow until parity." + EXAMPLES)
-    p.add_argument("--reference", default=None, help="scion run, checkpoint folder or Hugging Face model folder")
+    p.add_argument(
+        "--reference", default=None, help="scion run, checkpoint folder or Hugging Face model folder"
+    )
     p.add_argument("--out", default=None, help="folder for the growth run (one run per round inside)")
     p.add_argument("--resume", default=None, metavar="OUT", help="continue this growth run")
     p.add_argument("--overwrite", action="store_true", help="start again in a non-empty --out")
     p.add_argument("--grow-step", type=int, default=2, help="reference blocks added per round (default 2)")
-    p.add_argument("--max-layers", type=int, default=None, help="stop growing here (default: reference depth)")
+    p.add_argument(
+        "--max-layers", type=int, default=None, help="stop growing here (default: reference depth)"
+    )
     p.add_argument(
         "--until",
         choices=["parity", "depth"],
@@ -82,8 +86,15 @@ def main(argv: list[str]) -> int:
         cfg = dataclasses.replace(cfg)
         out = Path(args.out)
     try:
-        rows = run_grow(out, settings, cfg, resume=bool(pre.resume), reference=reference, progress=progress,
-                        overwrite=pre.overwrite)
+        rows = run_grow(
+            out,
+            settings,
+            cfg,
+            resume=bool(pre.resume),
+            reference=reference,
+            progress=progress,
+            overwrite=pre.overwrite,
+        )
     except GrowStopped as e:
         print(f"stopped early ({e.reason}); continue with: scion grow --resume {out}", file=sys.stderr)
         return STOPPED_EARLY

@@ -29,7 +29,9 @@ STOPPED_EARLY = 75
 
 def add_spec_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("what to inherit (default: everything)")
-    g.add_argument("--layers", type=int, default=None, help="blocks to take (default: half the reference's depth)")
+    g.add_argument(
+        "--layers", type=int, default=None, help="blocks to take (default: half the reference's depth)"
+    )
     for flag, what in [
         ("embed", "the token (and position) embedding"),
         ("final-norm", "the final norm"),
@@ -82,10 +84,16 @@ def check_model_overrides(cfg_model, expected) -> None:
 
 
 def main(argv: list[str]) -> int:
-    p = base_parser("scion inherit", "Inheritune: a smaller model from a reference's first blocks." + EXAMPLES)
-    p.add_argument("--reference", default=None, help="scion run, checkpoint folder or Hugging Face model folder")
+    p = base_parser(
+        "scion inherit", "Inheritune: a smaller model from a reference's first blocks." + EXAMPLES
+    )
+    p.add_argument(
+        "--reference", default=None, help="scion run, checkpoint folder or Hugging Face model folder"
+    )
     p.add_argument("--out", default=None, help="run directory for the target")
-    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue this run from its latest checkpoint")
+    p.add_argument(
+        "--resume", default=None, metavar="RUN_DIR", help="continue this run from its latest checkpoint"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     add_spec_flags(p)
     add_run_flags(p)
@@ -96,7 +104,9 @@ def main(argv: list[str]) -> int:
     if pre.resume:
         return _resume(p, argv, Path(pre.resume), progress)
     if not pre.reference or not pre.out:
-        raise ScionError("give --reference REF and --out RUN_DIR (or --resume RUN_DIR); see scion inherit --help")
+        raise ScionError(
+            "give --reference REF and --out RUN_DIR (or --resume RUN_DIR); see scion inherit --help"
+        )
 
     from scion.inherit.init import with_depth
     from scion.inherit.runs import load_reference
@@ -112,7 +122,9 @@ def main(argv: list[str]) -> int:
     return _train(cfg, Path(args.out), ref, spec, args.overwrite, progress)
 
 
-def _train(cfg, out: Path, ref, spec, overwrite: bool, progress, resume_provenance: dict | None = None) -> int:
+def _train(
+    cfg, out: Path, ref, spec, overwrite: bool, progress, resume_provenance: dict | None = None
+) -> int:
     from dataclasses import asdict
 
     from scion.inherit.init import inherit
@@ -159,10 +171,15 @@ def _train(cfg, out: Path, ref, spec, overwrite: bool, progress, resume_provenan
     state = trainer.state
     if trainer.world.main:
         val_msg = f", best val loss {state.best_val_loss:.4f}" if state.best_val_loss is not None else ""
-        print(f"\nrun directory: {out} (step {state.step}, {state.tokens:,} tokens{val_msg})", file=sys.stderr)
+        print(
+            f"\nrun directory: {out} (step {state.step}, {state.tokens:,} tokens{val_msg})", file=sys.stderr
+        )
     shutdown()
     if trainer.stop_reason:
-        print(f"stopped early ({trainer.stop_reason}); continue with: scion inherit --resume {out}", file=sys.stderr)
+        print(
+            f"stopped early ({trainer.stop_reason}); continue with: scion inherit --resume {out}",
+            file=sys.stderr,
+        )
         return STOPPED_EARLY
     return 0
 
@@ -176,7 +193,9 @@ def _resume(p, argv: list[str], run_dir: Path, progress) -> int:
         raise ScionError(f"{run_dir}: not a scion run (no config.yaml); nothing to resume")
     provenance = read_provenance(run_dir)
     if provenance.get("recipe") != "inheritune":
-        raise ScionError(f"{run_dir}: not an inherited run (no inherit.json); resume it with scion pretrain --resume")
+        raise ScionError(
+            f"{run_dir}: not an inherited run (no inherit.json); resume it with scion pretrain --resume"
+        )
     saved = load_config(run_dir)
     args, cfg = parse_config(p, argv, base=saved)
     check_model_overrides(cfg.model, saved.model)

@@ -18,7 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("scion.cli.prepare", "tokenize text/JSONL/Parquet into packed token shards"),
     "generate": ("scion.cli.generate", "sample a continuation from a trained run"),
     "inherit": ("scion.cli.inherit", "Inheritune: a smaller model from a reference's first blocks, trained"),
-    "grow": ("scion.cli.grow", "Inheritune's Algorithm 1: train, grow by the reference's next blocks, repeat"),
+    "grow": ("scion.cli.grow", "Inheritune's Algorithm 1: train, add the reference's next blocks, repeat"),
     "experiment": ("scion.cli.experiment", "a paper's experiment end to end: scion experiment inheritune"),
 }
 

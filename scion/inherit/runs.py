@@ -176,7 +176,8 @@ def train_run(
         saved = read_provenance(run_dir)
         if saved and saved.get("recipe") != provenance.get("recipe"):
             raise ScionError(
-                f"{run_dir}: holds a {saved.get('recipe')!r} run, not {provenance.get('recipe')!r}; choose another --out"
+                f"{run_dir}: holds a {saved.get('recipe')!r} run, not {provenance.get('recipe')!r}; "
+                "choose another --out"
             )
         resumable = ckpt.find_resumable(run_dir, warn=_warn) is not None
     else:
