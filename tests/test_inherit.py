@@ -355,6 +355,19 @@ def test_cli_inherit_trains_and_records_provenance(run_scion, reference_run, tmp
     assert "resuming" in cont.stderr and ckpt.list_checkpoints(out)[-1].step == 3
 
 
+def test_cli_grow_prints_the_summary_and_resumes_a_finished_run(run_scion, reference_run, tmp_path):
+    out = tmp_path / "g"
+    proc = run_scion("grow", "--reference", reference_run, "--layers", "2", "--grow-step", "1",
+                     "--until", "depth", "--max-steps", "2", "--out", out, "--progress", "lines")
+    table = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "round" not in line]
+    assert [line.split("|")[2].strip() for line in table] == ["2", "3"]
+    assert json.loads((out / "grow.json").read_text())["settings"]["step"] == 1
+    again = run_scion("grow", "--resume", out, "--progress", "lines")
+    assert again.stdout == proc.stdout  # nothing retrained, the same losses
+    busy = run_scion("grow", "--reference", reference_run, "--out", out, check=False)
+    assert busy.returncode == 2 and "--resume" in busy.stderr
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

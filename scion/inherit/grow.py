@@ -119,6 +119,7 @@ def run_grow(
             shutil.rmtree(old) if old.is_dir() else old.unlink(missing_ok=True)
     env = setup(cfg)
     ref = reference or load_reference(settings.reference, env.device)
+    ref.model.to(env.device)
     settings.validate(ref.config.model.n_layer)
     adopt_tokenizer(cfg, ref)
     cfg.validate()
