@@ -530,12 +530,19 @@ def plot_results(rows: list[Row], out: Path) -> list[Path]:
 
     written = []
     fig, ax = plt.subplots(figsize=(8, 5))
-    for row in rows:
-        if row.group == "sweep" or not row.curve:
-            continue
+    colors = plt.get_cmap("tab20").colors
+    for i, row in enumerate(r for r in rows if r.group != "sweep" and r.curve):
         steps, losses = zip(*row.curve, strict=True)
-        style = "-" if row.group in ("reference", "inheritune") else "--"
-        ax.plot(steps, losses, style, marker=".", label=f"{row.recipe} ({row.layers}L)")
+        main = row.group in ("reference", "inheritune")
+        ax.plot(
+            steps,
+            losses,
+            "-" if main else "--",
+            marker=".",
+            lw=2.5 if main else 1.2,
+            color=colors[(2 * i) % 20 + (2 * i) // 20],
+            label=f"{row.recipe} ({row.layers}L)",
+        )
     ax.set_xlabel("optimizer steps (all stages)")
     ax.set_ylabel("validation loss")
     finite = [v for r in rows for _, v in r.curve if math.isfinite(v)]
@@ -550,8 +557,13 @@ def plot_results(rows: list[Row], out: Path) -> list[Path]:
     plt.close(fig)
     written.append(out / "val_loss.png")
 
-    sweep = sorted((r for r in rows if r.group == "sweep"), key=lambda r: r.layers)
+    sweep = [r for r in rows if r.group == "sweep"]
     if sweep:
+        # Inheritune's own round 1 is the sweep's point at the target's n.
+        first = next((r for r in rows if r.recipe == "inheritune"), None)
+        if first is not None and all(r.layers != first.layers for r in sweep):
+            sweep.append(first)
+        sweep.sort(key=lambda r: r.layers)
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.plot([r.layers for r in sweep], [r.val_loss for r in sweep], "o-", label="inherit first n blocks")
         ref = next((r for r in rows if r.recipe == "reference"), None)
