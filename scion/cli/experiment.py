@@ -56,7 +56,7 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
 
     from scion.inherit.experiment import Experiment, load_experiment_config, results_markdown
-    from scion.inherit.grow import GrowStopped
+    from scion.inherit.runs import Stopped
 
     cfg = load_experiment_config(args.config)
     e, run = cfg.experiment, cfg.run
@@ -82,7 +82,7 @@ def main(argv: list[str]) -> int:
     experiment = Experiment(out, cfg, progress=progress)
     try:
         rows = experiment.run()
-    except GrowStopped as stop:
+    except Stopped as stop:
         print(f"stopped early ({stop.reason}); run the same command again to continue", file=sys.stderr)
         return 75
     if not rows:

@@ -56,7 +56,8 @@ def main(argv: list[str]) -> int:
         parse_config(p, argv)
     progress = {"auto": None, "bar": True, "lines": False}[pre.progress]
 
-    from scion.inherit.grow import GrowSettings, GrowStopped, load_settings, run_grow, summary_table
+    from scion.inherit.grow import GrowSettings, load_settings, run_grow, summary_table
+    from scion.inherit.runs import Stopped
 
     if pre.resume:
         out = Path(pre.resume)
@@ -95,7 +96,7 @@ def main(argv: list[str]) -> int:
             progress=progress,
             overwrite=pre.overwrite,
         )
-    except GrowStopped as e:
+    except Stopped as e:
         print(f"stopped early ({e.reason}); continue with: scion grow --resume {out}", file=sys.stderr)
         return STOPPED_EARLY
     finally:

@@ -27,7 +27,7 @@ import yaml
 from scion.config import RunConfig, from_dict, to_dict
 from scion.errors import ScionError
 from scion.inherit.distill import DistillLoss
-from scion.inherit.grow import GrowSettings, GrowStopped, run_grow
+from scion.inherit.grow import GrowSettings, run_grow
 from scion.inherit.init import (
     InheritSpec,
     every_other,
@@ -42,6 +42,7 @@ from scion.inherit.init import (
 from scion.inherit.recipes import ABLATIONS, DEFAULT_RECIPES, RECIPES, DistillSettings
 from scion.inherit.runs import (
     Reference,
+    Stopped,
     adopt_tokenizer,
     check_tokenizer,
     evaluate,
@@ -181,7 +182,7 @@ class Experiment:
             **kwargs,
         )
         if trainer.stop_reason:
-            raise GrowStopped(trainer.stop_reason, self.out)
+            raise Stopped(trainer.stop_reason, self.out)
         return trainer
 
     def _row(

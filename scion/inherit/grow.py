@@ -26,6 +26,7 @@ from scion.errors import ScionError
 from scion.inherit.init import InheritSpec, grow, inherit, with_depth
 from scion.inherit.runs import (
     Reference,
+    Stopped,
     adopt_tokenizer,
     check_tokenizer,
     evaluate,
@@ -35,7 +36,7 @@ from scion.inherit.runs import (
     train_run,
 )
 from scion.pretrain import data_streams, load_data, log, setup
-from scion.run import is_run, load_model
+from scion.run import is_run
 
 SETTINGS = "grow.json"
 
@@ -205,7 +206,7 @@ def run_grow(
             progress=progress,
         )
         if trainer.stop_reason:
-            raise GrowStopped(trainer.stop_reason, out)
+            raise Stopped(trainer.stop_reason, out)
         model = trainer.model
         val_loss = evaluate(model, val, env.device, env.precision)
         rows.append(
@@ -241,12 +242,6 @@ def run_grow(
     return rows
 
 
-class GrowStopped(Exception):
-    def __init__(self, reason: str, out: Path):
-        super().__init__(reason)
-        self.reason, self.out = reason, out
-
-
 def summary_table(rows: list[Round]) -> str:
     lines = [
         "| round | layers | parameters | steps | tokens | val loss | reference val loss |",
@@ -267,13 +262,3 @@ def write_summary(out: Path, rows: list[Round], settings: GrowSettings) -> None:
     (out / "summary.md").write_text(
         f"# Inheritune growth from {settings.reference}\n\n{summary_table(rows)}\n"
     )
-
-
-def final_model(out: Path, device="cpu"):
-    """The model of the last finished round of a growth run."""
-    rounds = sorted(
-        (p for p in Path(out).glob("round-*") if is_run(p)), key=lambda p: int(p.name.split("-")[1])
-    )
-    if not rounds:
-        raise ScionError(f"{out}: no finished growth round")
-    return load_model(rounds[-1], device=device)

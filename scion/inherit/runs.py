@@ -21,7 +21,7 @@ from scion.config import RunConfig
 from scion.data.sources import cache_root
 from scion.errors import ScionError
 from scion.model import Transformer
-from scion.pretrain import Setup, build_model, start_run, train
+from scion.pretrain import Setup, build_model, log, start_run, train
 from scion.run import is_run, load_model, resolve_checkpoint
 from scion.tokenizer import Tokenizer
 from scion.train.device import autocast
@@ -131,6 +131,14 @@ def evaluate(
     return total / count
 
 
+class Stopped(Exception):
+    """A run stopped early (a signal); its checkpoint is saved and the same command resumes it."""
+
+    def __init__(self, reason: str, out: Path):
+        super().__init__(reason)
+        self.reason, self.out = reason, out
+
+
 # ---- one run ---------------------------------------------------------------------------------
 
 
@@ -179,7 +187,7 @@ def train_run(
                 f"{run_dir}: holds a {saved.get('recipe')!r} run, not {provenance.get('recipe')!r}; "
                 "choose another --out"
             )
-        resumable = ckpt.find_resumable(run_dir, warn=_warn) is not None
+        resumable = ckpt.find_resumable(run_dir, warn=log) is not None
     else:
         start_run(cfg, run_dir, overwrite, tokenizer, folders, env.world)
         resumable = False
@@ -210,12 +218,6 @@ def _check_init(model: Transformer, cfg: RunConfig) -> None:
     for name, p in model.named_parameters():
         if not torch.isfinite(p).all():
             raise ScionError(f"the initial weights hold non-finite values in {name}; check the reference")
-
-
-def _warn(msg: str) -> None:
-    import sys
-
-    print(msg, file=sys.stderr, flush=True)
 
 
 def fmt_loss(x: float | None) -> str:
