@@ -355,6 +355,7 @@ def test_cli_inherit_trains_and_records_provenance(run_scion, reference_run, tmp
     assert "resuming" in cont.stderr and ckpt.list_checkpoints(out)[-1].step == 3
 
 
+@pytest.mark.slow
 def test_cli_grow_prints_the_summary_and_resumes_a_finished_run(run_scion, reference_run, tmp_path):
     out = tmp_path / "g"
     proc = run_scion("grow", "--reference", reference_run, "--layers", "2", "--grow-step", "1",
