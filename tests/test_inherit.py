@@ -383,6 +383,16 @@ def test_cli_errors_are_one_line(run_scion, args, message):
     assert message in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_cli_inherit_from_a_folder_that_is_no_model_fails_cleanly(run_scion, tmp_path):
+    folder = tmp_path / "not-a-model"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("hello")
+    proc = run_scion("inherit", "--reference", folder, "--out", tmp_path / "x", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert str(folder) in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()
+
+
 def test_cli_inherit_refuses_architecture_overrides(run_scion, reference_run, tmp_path):
     proc = run_scion("inherit", "--reference", reference_run, "--out", tmp_path / "x",
                      "--model.d-model", "32", check=False)
