@@ -152,12 +152,6 @@ def read_provenance(run_dir: Path) -> dict:
         raise ScionError(f"{f}: not valid JSON") from e
 
 
-def finished_steps(run_dir: Path) -> int:
-    """Optimizer steps of the newest complete checkpoint (0 when there is none)."""
-    refs = ckpt.list_checkpoints(run_dir) if Path(run_dir).is_dir() else []
-    return refs[-1].step if refs else 0
-
-
 def train_run(
     cfg: RunConfig,
     run_dir: Path,
@@ -188,10 +182,14 @@ def train_run(
                 "choose another --out"
             )
         resumable = ckpt.find_resumable(run_dir, warn=log) is not None
+        if not resumable and env.world.main:
+            log(f"{run_dir}: no checkpoint yet; starting the run again from its initial weights")
+            for name in ("metrics.jsonl", "samples.jsonl"):  # records of the attempt that left none
+                (run_dir / name).unlink(missing_ok=True)
     else:
         start_run(cfg, run_dir, overwrite, tokenizer, folders, env.world)
         resumable = False
-    if env.world.main and not (run_dir / PROVENANCE).exists():
+    if env.world.main and not (resumable and (run_dir / PROVENANCE).exists()):
         (run_dir / PROVENANCE).write_text(json.dumps(provenance, indent=1))
     if resumable:
         model = build_model(cfg, env.device)  # the checkpoint's weights replace these
