@@ -271,6 +271,16 @@ def test_distill_loss_in_the_loop():
     assert loss_fn(student, (x, y)).item() == pytest.approx(student(x, y).item())
 
 
+def test_a_later_round_reads_the_stream_where_the_previous_one_stopped():
+    from scion.inherit.runs import Shifted
+
+    class Stream:
+        def batch(self, start, size):
+            return list(range(start, start + size))
+
+    assert Shifted(Stream(), 16).batch(4, 4) == [20, 21, 22, 23]
+
+
 # ---- growth runs -----------------------------------------------------------------------------
 
 
