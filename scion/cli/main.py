@@ -22,6 +22,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sft": ("scion.cli.sft", "instruction-tune a run on chats or Alpaca data (full or LoRA)"),
     "chat": ("scion.cli.chat", "talk to an instruction-tuned run in the terminal"),
     "consolidate": ("scion.cli.consolidate", "write an FSDP checkpoint's weights as one safetensors file"),
+    "inherit": ("scion.cli.inherit", "Inheritune: a smaller model from a reference's first blocks, trained"),
+    "grow": ("scion.cli.grow", "Inheritune's Algorithm 1: train, add the reference's next blocks, repeat"),
+    "experiment": ("scion.cli.experiment", "a paper's experiment end to end: scion experiment inheritune"),
 }
 
 

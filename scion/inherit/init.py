@@ -1,0 +1,321 @@
+"""Weight surgery: how each model of the Inheritune comparison is initialised from another.
+
+Every function here takes trained models and returns a new, freshly built model whose weights
+are either copied from a source (bit for bit) or initialised as `Transformer.init_weights`
+does with a seeded generator. Nothing trains here and nothing touches files.
+
+    inherit        the first n blocks of a reference (+ embeddings, final norm, head), with a
+                   per-sub-module choice (attention, MLP, norms) for the paper's ablation
+    grow           a trained target plus the reference's next k blocks, appended in order
+    stack          a trained small model doubled in depth by copying its own blocks (Gong et al.
+                   2019, "progressive stacking"; Reddi et al. 2023)
+    hybrid_stack   the reference's first n/2 blocks, stacked twice into n blocks
+    every_other    the reference's blocks 0, 2, 4, ... (DistilBERT's student initialisation)
+    half_width     the reference's full depth at half the hidden size, its weights cut along
+                   the width (see `half_width` for exactly which rows and columns)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from scion.config import ModelConfig
+from scion.errors import ScionError
+from scion.model import Block, Transformer
+
+BLOCK_PARTS = {
+    # sub-module choice -> the Block attributes it covers
+    "attn": ("attn",),
+    "mlp": ("mlp",),
+    "norms": ("attn_norm", "mlp_norm"),
+}
+
+
+@dataclass
+class InheritSpec:
+    """What the target takes from the reference. The defaults inherit everything; the paper's
+    released code left `embed` and `final_norm` random for LLaMA models (a choice here)."""
+
+    layers: int | None = None  # None: half the reference's depth (at least one)
+    embed: bool = True  # token embedding (and the learned position embedding of GPT-2 models)
+    final_norm: bool = True
+    lm_head: bool = True
+    attn: bool = True  # q/k/v/o projections of each inherited block
+    mlp: bool = True  # gate/up/down projections of each inherited block
+    norms: bool = True  # the two norms inside each inherited block
+
+    def block_parts(self) -> list[str]:
+        return [attr for part, attrs in BLOCK_PARTS.items() if getattr(self, part) for attr in attrs]
+
+    def resolve_layers(self, reference_depth: int) -> int:
+        n = self.layers if self.layers is not None else max(1, reference_depth // 2)
+        if not 1 <= n <= reference_depth:
+            raise ScionError(
+                f"--layers must be between 1 and the reference's depth ({reference_depth}), got {n}"
+            )
+        return n
+
+    def describe(self) -> str:
+        taken = [
+            name for name in ("embed", "final_norm", "lm_head", "attn", "mlp", "norms") if getattr(self, name)
+        ]
+        return "+".join(taken) if taken else "nothing"
+
+
+def with_depth(cfg: ModelConfig, n_layer: int, name: str | None = None) -> ModelConfig:
+    return dataclasses.replace(cfg, n_layer=n_layer, name=name or cfg.name)
+
+
+def fresh(cfg: ModelConfig, seed: int, device: torch.device | str = "cpu") -> Transformer:
+    """A model initialised exactly as `scion.pretrain.build_model` does for this seed."""
+    model = Transformer(cfg)
+    model.init_weights(torch.Generator().manual_seed(seed))
+    return model.to(device)
+
+
+@torch.no_grad()
+def _copy_module(dst: torch.nn.Module, src: torch.nn.Module) -> None:
+    src_state = src.state_dict()
+    for name, tensor in dst.state_dict().items():
+        tensor.copy_(src_state[name])
+
+
+@torch.no_grad()
+def _copy_block(dst: Block, src: Block, parts: list[str]) -> None:
+    for attr in parts:
+        _copy_module(getattr(dst, attr), getattr(src, attr))
+
+
+@torch.no_grad()
+def _copy_outer(dst: Transformer, src: Transformer, embed: bool, final_norm: bool, lm_head: bool) -> None:
+    """Token (and position) embedding, final norm and output head."""
+    tied = dst.cfg.tie_embeddings
+    if tied and embed != lm_head:
+        raise ScionError(
+            "this model ties the output head to the token embedding: inherit both or neither "
+            "(--no-embed and --no-lm-head go together)"
+        )
+    if embed:
+        dst.embed.weight.copy_(src.embed.weight)
+        if dst.cfg.position == "learned":
+            dst.pos_embed.weight.copy_(src.pos_embed.weight)
+    if final_norm:
+        _copy_module(dst.norm, src.norm)
+    if lm_head and not tied:
+        dst.lm_head.weight.copy_(src.lm_head.weight)
+
+
+def _check_same_family(target: ModelConfig, reference: ModelConfig) -> None:
+    a, b = dataclasses.asdict(target), dataclasses.asdict(reference)
+    differ = [k for k in a if k not in ("name", "n_layer", "init_std") and a[k] != b[k]]
+    if differ:
+        raise ScionError(
+            f"the target differs from the reference in {', '.join(differ)}: only the depth "
+            "may change when inheriting; drop the --model.* overrides"
+        )
+
+
+def inherit(
+    reference: Transformer, spec: InheritSpec, seed: int, cfg: ModelConfig | None = None
+) -> Transformer:
+    """The Inheritune target: a fresh model of `spec.layers` blocks whose chosen parts are the
+    reference's (its first blocks, in order); everything not chosen keeps its fresh init."""
+    n = spec.resolve_layers(reference.cfg.n_layer)
+    cfg = cfg or with_depth(reference.cfg, n, f"{reference.cfg.name}-inherit{n}")
+    if cfg.n_layer != n:
+        raise ScionError(f"the target config has {cfg.n_layer} layers, the spec asks for {n}")
+    _check_same_family(cfg, reference.cfg)
+    target = fresh(cfg, seed, reference.embed.weight.device)
+    _copy_outer(target, reference, spec.embed, spec.final_norm, spec.lm_head)
+    parts = spec.block_parts()
+    for i in range(n):
+        _copy_block(target.blocks[i], reference.blocks[i], parts)
+    return target
+
+
+def grow(
+    model: Transformer,
+    reference: Transformer,
+    add: int,
+    seed: int,
+    parts: list[str] | None = None,
+    cfg: ModelConfig | None = None,
+) -> Transformer:
+    """Algorithm 1's growth step: the trained `model` (all its weights) followed by the
+    reference's next `add` blocks, i.e. blocks [n, n + add) of the reference."""
+    n = model.cfg.n_layer
+    if add <= 0:
+        raise ScionError(f"growth must add at least one block, got {add}")
+    if n + add > reference.cfg.n_layer:
+        raise ScionError(f"cannot grow {n} layers by {add}: the reference has only {reference.cfg.n_layer}")
+    _check_same_family(model.cfg, reference.cfg)
+    cfg = cfg or with_depth(model.cfg, n + add, _grown_name(model.cfg.name, n + add))
+    if cfg.n_layer != n + add:
+        raise ScionError(f"the grown config has {cfg.n_layer} layers, growth makes {n + add}")
+    grown = fresh(cfg, seed, model.embed.weight.device)
+    _copy_outer(grown, model, True, True, True)
+    for i in range(n):
+        _copy_block(grown.blocks[i], model.blocks[i], list(_ALL_PARTS))
+    for i in range(n, n + add):
+        _copy_block(grown.blocks[i], reference.blocks[i], parts if parts is not None else list(_ALL_PARTS))
+    return grown
+
+
+_ALL_PARTS = tuple(attr for attrs in BLOCK_PARTS.values() for attr in attrs)
+
+
+def _grown_name(name: str, n: int) -> str:
+    base = name.rsplit("-inherit", 1)[0]
+    return f"{base}-inherit{n}"
+
+
+def stack(model: Transformer, seed: int, depth: int | None = None) -> Transformer:
+    """Progressive stacking: a model of `depth` blocks (default twice the source's) whose block
+    i is the source's block i mod n, so the source's whole stack is repeated on top of itself.
+    Embeddings, final norm and head come from the source."""
+    n = model.cfg.n_layer
+    depth = depth or 2 * n
+    if depth < n:
+        raise ScionError(f"stacking makes a model deeper: {depth} < {n}")
+    out = fresh(
+        with_depth(model.cfg, depth, f"{model.cfg.name}-stack{depth}"), seed, model.embed.weight.device
+    )
+    _copy_outer(out, model, True, True, True)
+    for i in range(depth):
+        _copy_block(out.blocks[i], model.blocks[i % n], list(_ALL_PARTS))
+    return out
+
+
+def hybrid_stack(reference: Transformer, layers: int, seed: int) -> Transformer:
+    """Hybrid stacking: the reference's first ceil(layers/2) blocks, then the same blocks again
+    up to `layers` (block i is the reference's block i mod ceil(layers/2)); embeddings, final
+    norm and head from the reference."""
+    half = -(-layers // 2)
+    if half > reference.cfg.n_layer:
+        raise ScionError(
+            f"hybrid stacking to {layers} layers needs {half} reference blocks; it has "
+            f"{reference.cfg.n_layer}"
+        )
+    cfg = with_depth(reference.cfg, layers, f"{reference.cfg.name}-hybrid{layers}")
+    out = fresh(cfg, seed, reference.embed.weight.device)
+    _copy_outer(out, reference, True, True, True)
+    for i in range(layers):
+        _copy_block(out.blocks[i], reference.blocks[i % half], list(_ALL_PARTS))
+    return out
+
+
+def every_other(reference: Transformer, seed: int, layers: int | None = None) -> Transformer:
+    """DistilBERT's student initialisation: block i is the reference's block 2i (blocks 0, 2,
+    4, ...), so the student has half the depth; embeddings, final norm and head copied."""
+    layers = layers or max(1, reference.cfg.n_layer // 2)
+    if 2 * (layers - 1) >= reference.cfg.n_layer:
+        raise ScionError(
+            f"every-other-layer init of {layers} layers needs a reference of at least "
+            f"{2 * layers - 1} blocks; it has {reference.cfg.n_layer}"
+        )
+    cfg = with_depth(reference.cfg, layers, f"{reference.cfg.name}-alt{layers}")
+    out = fresh(cfg, seed, reference.embed.weight.device)
+    _copy_outer(out, reference, True, True, True)
+    for i in range(layers):
+        _copy_block(out.blocks[i], reference.blocks[2 * i], list(_ALL_PARTS))
+    return out
+
+
+# ---- half width ------------------------------------------------------------------------------
+
+
+def half_width_config(cfg: ModelConfig) -> ModelConfig:
+    """The reference's depth with half the hidden size, half the heads (each head keeps its
+    size, so RoPE is unchanged), half the KV heads and half the MLP width."""
+    hd = cfg.dim_per_head
+    if cfg.n_head % 2 or cfg.d_model % 2 or cfg.ffn_hidden % 2:
+        raise ScionError(
+            f"half width needs an even n_head, d_model and ffn_hidden; the reference has "
+            f"{cfg.n_head}, {cfg.d_model} and {cfg.ffn_hidden}"
+        )
+    kv = cfg.kv_heads
+    if kv > 1 and kv % 2:
+        raise ScionError(f"half width needs an even number of KV heads (or one); the reference has {kv}")
+    return dataclasses.replace(
+        cfg,
+        name=f"{cfg.name}-halfwidth",
+        d_model=cfg.d_model // 2,
+        n_head=cfg.n_head // 2,
+        n_kv_head=max(1, kv // 2) if cfg.n_kv_head is not None else None,
+        head_dim=hd,
+        ffn_hidden=cfg.ffn_hidden // 2,
+    )
+
+
+def half_width_slices(cfg: ModelConfig) -> dict[str, tuple[slice, ...]]:
+    """For every parameter name of the half-width model, the slice of the reference's tensor
+    it takes: the leading half of each dimension that scales with the width.
+
+        d   = first d_model/2 of the hidden features (embedding columns, norm weights, and the
+              input columns / output rows of every projection)
+        q   = the rows of the first n_head/2 heads (head h owns rows [h*hd, (h+1)*hd))
+        kv  = the rows of the first max(1, n_kv_head/2) KV heads; with grouped-query attention
+              query head h reads KV head h // (n_head/n_kv_head), so the kept query heads read
+              exactly the kept KV heads
+        f   = the first ffn_hidden/2 MLP units (rows of gate/up, columns of down)
+    """
+    half = half_width_config(cfg)
+    hd = cfg.dim_per_head
+    d, f = slice(0, half.d_model), slice(0, half.ffn_hidden)
+    q, kv = slice(0, half.n_head * hd), slice(0, half.kv_heads * hd)
+    out: dict[str, tuple[slice, ...]] = {
+        "embed.weight": (slice(None), d),
+        "norm.weight": (d,),
+        "lm_head.weight": (slice(None), d),
+    }
+    if cfg.position == "learned":
+        out["pos_embed.weight"] = (slice(None), d)
+    if cfg.norm == "layernorm" and cfg.bias:
+        out["norm.bias"] = (d,)
+    for i in range(cfg.n_layer):
+        p = f"blocks.{i}."
+        rows = {
+            "attn.q_proj": q,
+            "attn.k_proj": kv,
+            "attn.v_proj": kv,
+            "attn.o_proj": d,
+            "mlp.up_proj": f,
+            "mlp.down_proj": d,
+        }
+        cols = {
+            "attn.q_proj": d,
+            "attn.k_proj": d,
+            "attn.v_proj": d,
+            "attn.o_proj": q,
+            "mlp.up_proj": d,
+            "mlp.down_proj": f,
+        }
+        if cfg.mlp == "swiglu":
+            rows["mlp.gate_proj"], cols["mlp.gate_proj"] = f, d
+        for name in rows:
+            out[p + name + ".weight"] = (rows[name], cols[name])
+            if cfg.bias:
+                out[p + name + ".bias"] = (rows[name],)
+        for norm in ("attn_norm", "mlp_norm"):
+            out[p + norm + ".weight"] = (d,)
+            if cfg.norm == "layernorm" and cfg.bias:
+                out[p + norm + ".bias"] = (d,)
+    return out
+
+
+@torch.no_grad()
+def half_width(reference: Transformer, seed: int) -> Transformer:
+    """The half-width baseline: every weight is the leading corner of the reference's (see
+    `half_width_slices`). Nothing is rescaled."""
+    cfg = half_width_config(reference.cfg)
+    out = fresh(cfg, seed, reference.embed.weight.device)
+    src = reference.state_dict()
+    slices = half_width_slices(reference.cfg)
+    for name, tensor in out.state_dict().items():
+        if name == "lm_head.weight" and cfg.tie_embeddings:
+            continue
+        tensor.copy_(src[name][slices[name]])
+    return out

@@ -1,0 +1,222 @@
+"""Training an initialised model as an ordinary scion run.
+
+Every recipe of the comparison ends here: a run directory laid out as `scion pretrain` lays it
+out (config.yaml, metrics.jsonl, checkpoints/, tokenizer/, data.json), plus `inherit.json`
+recording where the initial weights came from. Training is `scion.pretrain.train`, the one
+loop; only the initial model, the loss and the data offset differ.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from scion import checkpoint as ckpt
+from scion.config import RunConfig
+from scion.data.sources import cache_root
+from scion.errors import ScionError
+from scion.model import Transformer
+from scion.pretrain import Setup, build_model, log, start_run, train
+from scion.run import is_run, load_model, resolve_checkpoint
+from scion.tokenizer import Tokenizer
+from scion.train.device import autocast
+from scion.train.loop import LossFn, Trainer, lm_loss, to_device
+
+PROVENANCE = "inherit.json"
+
+
+# ---- the reference ----------------------------------------------------------------------------
+
+
+@dataclass
+class Reference:
+    model: Transformer
+    tokenizer: Tokenizer | None
+    config: RunConfig
+    source: str  # what the user named
+    checkpoint: str | None  # the scion checkpoint folder it came from, if any
+    tokenizer_path: Path | None  # a folder holding its tokenizer, for data preparation
+
+
+def load_reference(source: str | Path, device: torch.device | str = "cpu") -> Reference:
+    """A trained reference model: a scion run directory or checkpoint folder, or anything the
+    interop import path accepts (a Hugging Face Llama or GPT-2 folder)."""
+    path = Path(source)
+    if not path.exists():
+        raise ScionError(
+            f"{source}: no such reference; give a scion run directory, a checkpoint folder or "
+            "a Hugging Face model folder"
+        )
+    scion_ckpt = (path / "model.safetensors").is_file() and path.parent.name == "checkpoints"
+    if is_run(path) or scion_ckpt:
+        loaded = load_model(path, device=device)
+        run_dir, folder = resolve_checkpoint(path)
+        tok_dir = run_dir / "tokenizer"
+        return Reference(
+            loaded.model,
+            loaded.tokenizer,
+            loaded.config,
+            str(source),
+            str(folder),
+            tok_dir if tok_dir.is_dir() else None,
+        )
+    try:
+        from scion.interop import load_reference as import_reference
+    except ImportError as e:
+        raise ScionError(
+            f"{source}: not a scion run, and this installation has no Hugging Face import path "
+            "(scion.interop); convert the model to a scion run first"
+        ) from e
+    model, tokenizer, cfg = import_reference(str(source))
+    model = model.to(device).eval()
+    tok_dir = None
+    if tokenizer is not None:
+        tok_dir = cache_root() / "reference-tokenizers" / tokenizer.fingerprint()
+        if not (tok_dir / "tokenizer.json").is_file():
+            tokenizer.save(tok_dir)
+    return Reference(model, tokenizer, cfg, str(source), None, tok_dir)
+
+
+def adopt_tokenizer(cfg: RunConfig, reference: Reference) -> None:
+    """The target reads text with the reference's tokenizer unless one is named explicitly."""
+    if cfg.data.tokenizer is None and reference.tokenizer_path is not None:
+        cfg.data.tokenizer = str(reference.tokenizer_path)
+
+
+def check_tokenizer(tokenizer: Tokenizer, reference: Reference) -> None:
+    if reference.tokenizer is not None and tokenizer.fingerprint() != reference.tokenizer.fingerprint():
+        raise ScionError(
+            f"the data is tokenized with another tokenizer than the reference {reference.source}'s; "
+            "prepare it with the reference's tokenizer (or drop --data.tokenizer)"
+        )
+
+
+# ---- data and evaluation ---------------------------------------------------------------------
+
+
+class Shifted:
+    """The training stream starting `offset` samples in: a later growth round continues where
+    the previous one stopped instead of seeing the same batches again."""
+
+    def __init__(self, batches, offset: int):
+        self.batches, self.offset = batches, offset
+
+    def batch(self, start: int, size: int):
+        return self.batches.batch(self.offset + start, size)
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module, val: Callable | None, device: torch.device, precision: str = "fp32"
+) -> float:
+    """Mean cross-entropy over the validation batches (the loop's own validation metric)."""
+    if val is None:
+        raise ScionError("no validation split: growth and comparisons need one; raise --data.val-fraction")
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for batch in val():
+        batch = to_device(batch, device)
+        with autocast(device, precision):
+            total += lm_loss(model, batch).double().item()
+        count += 1
+    model.train(was_training)
+    if count == 0:
+        raise ScionError("the validation split holds no complete sequence; raise --data.val-fraction")
+    return total / count
+
+
+class Stopped(Exception):
+    """A run stopped early (a signal); its checkpoint is saved and the same command resumes it."""
+
+    def __init__(self, reason: str, out: Path):
+        super().__init__(reason)
+        self.reason, self.out = reason, out
+
+
+# ---- one run ---------------------------------------------------------------------------------
+
+
+def read_provenance(run_dir: Path) -> dict:
+    f = Path(run_dir) / PROVENANCE
+    try:
+        return json.loads(f.read_text())
+    except FileNotFoundError:
+        return {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ScionError(f"{f}: not valid JSON") from e
+
+
+def train_run(
+    cfg: RunConfig,
+    run_dir: Path,
+    init: Callable[[], Transformer],
+    env: Setup,
+    tokenizer: Tokenizer,
+    folders: list[Path],
+    batches,
+    val,
+    *,
+    provenance: dict,
+    resume: bool = False,
+    loss_fn: LossFn = lm_loss,
+    overwrite: bool = False,
+    progress: bool | None = None,
+) -> Trainer:
+    """Train `init()` as a new run in `run_dir`; with `resume`, continue the run there exactly
+    where it stopped (a run that stopped before its first checkpoint starts again from `init()`)."""
+    run_dir = Path(run_dir)
+    data_offset = int(provenance.get("data_offset_samples", 0))
+    if data_offset:
+        batches = Shifted(batches, data_offset)
+    if resume and is_run(run_dir):
+        saved = read_provenance(run_dir)
+        if saved and saved.get("recipe") != provenance.get("recipe"):
+            raise ScionError(
+                f"{run_dir}: holds a {saved.get('recipe')!r} run, not {provenance.get('recipe')!r}; "
+                "choose another --out"
+            )
+        resumable = ckpt.find_resumable(run_dir, warn=log) is not None
+        if not resumable and env.world.main:
+            log(f"{run_dir}: no checkpoint yet; starting the run again from its initial weights")
+            for name in ("metrics.jsonl", "samples.jsonl"):  # records of the attempt that left none
+                (run_dir / name).unlink(missing_ok=True)
+    else:
+        start_run(cfg, run_dir, overwrite, tokenizer, folders, env.world)
+        resumable = False
+    if env.world.main and not (resumable and (run_dir / PROVENANCE).exists()):
+        (run_dir / PROVENANCE).write_text(json.dumps(provenance, indent=1))
+    if resumable:
+        model = build_model(cfg, env.device)  # the checkpoint's weights replace these
+    else:
+        model = init().to(env.device)
+        _check_init(model, cfg)
+    return train(
+        cfg,
+        run_dir,
+        model,
+        tokenizer,
+        batches,
+        val,
+        env,
+        resume=resumable,
+        loss_fn=loss_fn,
+        progress=progress,
+    )
+
+
+def _check_init(model: Transformer, cfg: RunConfig) -> None:
+    if model.cfg != cfg.model:
+        raise ScionError("internal: the initialised model does not match the run's model config")
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            raise ScionError(f"the initial weights hold non-finite values in {name}; check the reference")
+
+
+def fmt_loss(x: float | None) -> str:
+    return "-" if x is None or not math.isfinite(x) else f"{x:.4f}"

@@ -1,0 +1,95 @@
+"""The Inheritune experiment runner: its config, its table, and one tiny end-to-end run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from scion.errors import ScionError
+from scion.inherit.experiment import (
+    CONFIG_DIR,
+    Row,
+    experiment_from_dict,
+    load_experiment_config,
+    results_markdown,
+)
+from scion.inherit.recipes import DEFAULT_RECIPES, RECIPES
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+def test_bundled_configs_load_and_validate(name):
+    cfg = load_experiment_config(name)
+    cfg.validate()
+    assert cfg.experiment.distill.alpha == 0.6 and cfg.experiment.distill.temperature == 1.0
+
+
+def test_cpu_default_is_the_12_layer_reference_with_6_layer_targets():
+    cfg = load_experiment_config(None)
+    assert cfg.run.model.n_layer == 12 and cfg.experiment.target_layers == 6
+    assert cfg.experiment.recipes == DEFAULT_RECIPES
+
+
+def test_paper_gpt2_config_matches_the_papers_architecture():
+    m = load_experiment_config("gpt2-medium").run.model
+    assert (m.n_layer, m.n_head, m.d_model, m.vocab_size) == (24, 16, 1024, 50304)
+    assert m.tie_embeddings and m.attn_scale_inverse_layer and m.mlp == "gelu" and not m.bias
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"experiment": {"recipes": ["inheritune", "magic"]}}, "unknown recipe"),
+        ({"experiment": {"colour": 1}}, "known keys are"),
+        ({"model": {"n_layer": 4}, "experiment": {"sweep_layers": [5]}}, "the reference's depth 4"),
+    ],
+)
+def test_bad_experiment_configs_say_what_is_wrong(values, message):
+    with pytest.raises(ScionError, match=message):
+        experiment_from_dict(values, "x.yaml").validate()
+
+
+def test_unknown_config_name_lists_the_bundled_ones():
+    with pytest.raises(ScionError, match="bundled ones: .*cpu"):
+        load_experiment_config("nope")
+
+
+def test_results_table_has_a_row_per_run_and_the_difference_to_the_reference():
+    rows = [
+        Row("reference", "reference", "random", 8, 2_000_000, 100, 1000, 5.0, [], "r"),
+        Row("random", "scratch", "random", 4, 1_000_000, 100, 1000, 5.25, [], "a"),
+        Row("inheritune", "inheritune", "first 4", 4, 1_000_000, 100, 1000, 4.9, [], "b"),
+    ]
+    table = results_markdown(rows, 100).splitlines()
+    body = [line for line in table if line.startswith("| ") and "recipe" not in line]
+    assert [line.split("|")[2].strip() for line in body] == ["reference", "inheritune", "random"]
+    assert body[1].endswith("| 4.9000 | -0.1000 |") and body[2].endswith("| 5.2500 | +0.2500 |")
+
+
+@pytest.mark.slow
+def test_tiny_experiment_end_to_end(run_scion, corpus, tmp_path):
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text(json.dumps({
+        "model": {"name": "r", "vocab_size": 512, "n_layer": 4, "n_head": 4, "n_kv_head": 2, "d_model": 64,
+                  "ffn_hidden": 128, "max_seq_len": 32},
+        "train": {"max_steps": 2, "micro_batch_size": 4, "warmup_steps": 1, "log_every": 1, "eval_every": 1,
+                  "eval_batches": 2, "sample_prompts": [], "checkpoint_every": 2, "device": "cpu"},
+        "data": {"val_fraction": 0.2},
+        "experiment": {"sweep_layers": [1, 3]},
+    }))
+    out = tmp_path / "exp"
+    proc = run_scion("experiment", "inheritune", "--config", cfg, "--data", corpus, "--out", out,
+                     "--progress", "lines")
+    results = json.loads((out / "results.json").read_text())
+    names = {r["recipe"] for r in results["rows"]}
+    expected = set(RECIPES) - {"random-ref"}  # the reference is the random-init reference-size run
+    assert expected <= names and {"sweep-n1", "sweep-n3"} <= names
+    assert all(r["val_loss"] > 0 for r in results["rows"])
+    assert (out / "val_loss.png").stat().st_size > 0 and (out / "sweep.png").stat().st_size > 0
+    assert "| inheritune |" in proc.stdout
+    # Running it again continues: every run is finished, nothing trains again.
+    again = run_scion("experiment", "inheritune", "--config", cfg, "--data", corpus, "--out", out,
+                      "--progress", "lines")
+    assert "already trained" in again.stderr
+    stacking = json.loads((out / "stacking" / "inherit.json").read_text())
+    assert stacking["stage1_steps"] == 1
