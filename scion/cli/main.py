@@ -17,6 +17,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tokenizer": ("scion.cli.tokenizer", "train a byte-level BPE tokenizer: scion tokenizer train ..."),
     "prepare": ("scion.cli.prepare", "tokenize text/JSONL/Parquet into packed token shards"),
     "generate": ("scion.cli.generate", "sample a continuation from a trained run"),
+    "import": ("scion.cli.import_", "turn a Hugging Face Llama or GPT-2 model into a scion run"),
+    "export": ("scion.cli.export", "write a run as a Hugging Face model folder (safetensors + tokenizer)"),
+    "eval": ("scion.cli.eval", "benchmark tasks (lm-eval) or loss, perplexity and bits per byte"),
 }
 
 
