@@ -321,3 +321,41 @@ def _human(tokens: int | None) -> str:
         if tokens >= size:
             return f"{tokens / size:.3g}{unit}"
     return str(tokens)
+
+
+class TrainingTasks:
+    """The hook behind `train.eval_tasks`: a few harness tasks every `eval_tasks_every` steps,
+    returned as a record the trainer logs beside the loss. Task names are checked when training
+    starts, not at the first evaluation. The global RNGs the harness reseeds are restored, so
+    a run with evaluations trains exactly as one without."""
+
+    def __init__(self, tcfg, tokenizer: Tokenizer | None, device: torch.device, precision: str):
+        if tokenizer is None:
+            raise ScionError("train.eval_tasks needs the run's tokenizer")
+        self.tasks, self.limit = list(tcfg.eval_tasks), tcfg.eval_tasks_limit
+        self.batch_size = tcfg.micro_batch_size
+        self.tokenizer, self.device, self.precision = tokenizer, device, precision
+        self.manager = task_manager(self.tasks, tcfg.eval_tasks_include)
+
+    def __call__(self, model: Transformer) -> dict[str, float]:
+        import random
+
+        import numpy as np
+
+        states = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
+                  torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None)
+        try:
+            scores, _ = evaluate_tasks(model, self.tokenizer, self.tasks, limit=self.limit,
+                                       batch_size=self.batch_size, device=self.device,
+                                       precision=self.precision, manager=self.manager, progress=False)
+        finally:
+            random.setstate(states[0])
+            np.random.set_state(states[1])
+            torch.set_rng_state(states[2])
+            if states[3] is not None:
+                torch.cuda.set_rng_state_all(states[3])
+        record = {f"tasks/{task}/{metric}": value
+                  for task, values in scores.metrics.items() for metric, value in values.items()}
+        if scores.average is not None:
+            record["tasks/average"] = scores.average
+        return record
