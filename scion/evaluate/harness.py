@@ -214,10 +214,10 @@ def task_manager(tasks: list[str], include_path: str | None = None):
         raise ScionError(f"{include_path}: --include-path must be a folder of task YAML files")
     with _quiet():
         if include_path is not None:
-            local = TaskManager(include_path=include_path, include_defaults=False, verbosity="ERROR")
+            local = TaskManager(include_path=include_path, include_defaults=False)
             if all(local.match_tasks([t]) for t in tasks):
                 return local
-        manager = TaskManager(include_path=include_path, verbosity="ERROR")
+        manager = TaskManager(include_path=include_path)
     missing = [t for t in tasks if not manager.match_tasks([t])]
     if missing:
         raise ScionError(unknown_task_message(missing, manager.all_tasks))

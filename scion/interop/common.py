@@ -10,6 +10,9 @@ needs about one copy of its weights in memory. Nothing here executes code from a
 from __future__ import annotations
 
 import json
+import pickle
+import re
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
@@ -112,17 +115,23 @@ def _load_bin(f: Path) -> dict[str, torch.Tensor]:
     is in the zip format, so its tensors are paged in as they are converted."""
     for mmap in (True, False):
         try:
-            state = torch.load(f, map_location="cpu", weights_only=True, mmap=mmap)
+            with warnings.catch_warnings():  # torch warns about pickle protocols before refusing
+                warnings.simplefilter("ignore")
+                state = torch.load(f, map_location="cpu", weights_only=True, mmap=mmap)
             break
         except RuntimeError as e:
             if mmap and "mmap" in str(e):  # the legacy (non-zip) format cannot be memory-mapped
                 continue
             raise ScionError(f"{f}: not a readable PyTorch weights file ({_first_line(e)})") from e
-        except Exception as e:  # UnpicklingError for a pickle that would execute code
+        except pickle.UnpicklingError as e:  # a pickle that would build other objects or run code
+            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+            what = f"it calls {found.group(1)}" if found else "it holds Python objects other than tensors"
             raise ScionError(
-                f"{f}: refused to load ({_first_line(e)}); only plain tensor files are accepted. "
-                "Convert it to safetensors with a tool you trust, or use the publisher's safetensors weights"
+                f"{f}: refused to load ({what}; unpickling it could run code); only plain tensor files are "
+                "accepted. Use the publisher's safetensors weights, or convert the file with a tool you trust"
             ) from e
+        except Exception as e:
+            raise ScionError(f"{f}: not a readable PyTorch weights file ({_first_line(e)})") from e
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ScionError(f"{f}: expected a mapping of tensor names to tensors")
     return state
