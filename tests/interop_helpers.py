@@ -30,7 +30,7 @@ def perturb(model: Transformer, seed: int = 0) -> None:
             p.copy_(1 + 0.1 * noise if "norm" in name and name.endswith("weight") else 0.1 * noise)
 
 
-def make_run(folder: Path, cfg: ModelConfig, tok: Tokenizer, steps: tuple[int, ...] = (1,), seed: int = 0) -> Path:
+def make_run(folder: Path, cfg: ModelConfig, tok: Tokenizer, steps: tuple[int, ...] = (1,), seed: int = 0):
     """A scion run directory holding a checkpoint of random weights for each step."""
     folder.mkdir(parents=True, exist_ok=True)
     save_yaml(RunConfig(model=cfg), folder / "config.yaml")
@@ -51,9 +51,9 @@ def hf_llama(folder: Path, tok: Tokenizer | None = None, **overrides) -> torch.n
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    kw = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=32, rms_norm_eps=1e-5, rope_theta=10000.0,
-              tie_word_embeddings=False, bos_token_id=None, eos_token_id=0)
+    kw = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32, rms_norm_eps=1e-5,
+              rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=None, eos_token_id=0)
     kw.update(overrides)
     model = LlamaForCausalLM(LlamaConfig(**kw)).eval()
     _randomise_norms(model)
@@ -82,6 +82,6 @@ def _randomise_norms(model: torch.nn.Module) -> None:
     wrong mapping of either shows in the logits."""
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() == 1:
                 p.add_(torch.randn(p.shape, generator=g) * 0.1)

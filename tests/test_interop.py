@@ -73,8 +73,8 @@ def test_export_gives_transformers_the_same_logits(tmp_path, name):
 
 IMPORTS = {
     "llama-gqa": lambda folder, tok: hf_llama(folder, tok),
-    "llama-mha-tied-theta": lambda folder, tok: hf_llama(folder, tok, num_key_value_heads=4, tie_word_embeddings=True,
-                                                          rope_theta=500000.0, rms_norm_eps=1e-6),
+    "llama-mha-tied-theta": lambda folder, tok: hf_llama(
+        folder, tok, num_key_value_heads=4, rms_norm_eps=1e-6, rope_theta=5e5, tie_word_embeddings=True),
     "gpt2": lambda folder, tok: hf_gpt2(folder, tok),
     "gpt2-inverse-layer-scale": lambda folder, tok: hf_gpt2(folder, tok, scale_attn_by_inverse_layer_idx=True,
                                                              n_inner=100),
@@ -156,7 +156,9 @@ def test_load_reference_takes_runs_checkpoints_and_hf_folders(tmp_path):
     run = make_run(tmp_path / "run", cfg, tok, steps=(2, 5))
     hf_llama(tmp_path / "hf", tok)
     x = torch.randint(0, 320, (1, 8))
-    for source, which in ((run, None), (run, "2"), (run / "checkpoints" / "step-00000005", None), (tmp_path / "hf", None)):
+    step5 = run / "checkpoints" / "step-00000005"
+    sources = [(run, None), (run, "2"), (step5, None), (tmp_path / "hf", None)]
+    for source, which in sources:
         model, tok_back, config = load_reference(source, checkpoint=which)
         assert isinstance(model, Transformer) and tok_back is not None and config.model.n_layer == 2
         assert model(x).shape == (1, 8, 320)
@@ -181,7 +183,8 @@ def one_line_error(proc) -> str:
 def test_unsupported_architecture_is_refused(tmp_path, run_scion):
     folder = tmp_path / "bert"
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({"architectures": ["BertForMaskedLM"], "model_type": "bert"}))
+    config = {"architectures": ["BertForMaskedLM"], "model_type": "bert"}
+    (folder / "config.json").write_text(json.dumps(config))
     line = one_line_error(run_scion("import", folder, "--out", tmp_path / "run", check=False))
     assert "BertForMaskedLM is not a supported architecture" in line and "LlamaForCausalLM" in line
     assert not (tmp_path / "run").exists()
@@ -247,7 +250,8 @@ def test_unrepresentable_model_is_refused_with_the_reason(tmp_path):
     with pytest.raises(ScionError) as info:
         export_hf(run, tmp_path / "out")
     message = str(info.value)
-    assert "neither as Llama nor as GPT-2" in message and "mlp='gelu'" in message and "norm='rmsnorm'" in message
+    assert "neither as Llama nor as GPT-2" in message
+    assert "mlp='gelu'" in message and "norm='rmsnorm'" in message
     assert not (tmp_path / "out").exists()
 
 
