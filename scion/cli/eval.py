@@ -33,13 +33,13 @@ def main(argv: list[str]) -> int:
     p.add_argument("--checkpoint", default=None, help="step number or checkpoint name (default: latest)")
     p.add_argument("--checkpoints", default=None, metavar="WHICH",
                    help="evaluate several checkpoints of a run: all, milestones, or comma-separated steps")
-    p.add_argument("--num-fewshot", type=int, default=None, help="examples in the prompt (default: the task's)")
+    p.add_argument("--num-fewshot", type=int, default=None, help="examples in each prompt")
     p.add_argument("--limit", type=float, default=None,
                    help="documents per task (a fraction when below 1); for quick checks, not for reporting")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--include-path", default=None, help="a folder of task YAML files of your own")
-    p.add_argument("--seq-len", type=int, default=None, help="window for --data (default: the model's context)")
-    p.add_argument("--max-tokens", type=int, default=None, help="evaluate at most this many tokens per dataset")
+    p.add_argument("--seq-len", type=int, default=None, help="window for --data (default: context)")
+    p.add_argument("--max-tokens", type=int, default=None, help="cap on tokens per --data dataset")
     p.add_argument("--text-field", default="text", help="field holding the text in JSONL/Parquet records")
     p.add_argument("--out", default=None, help="results JSON (default: RUN_DIR/eval/<kind>-<time>.json)")
     p.add_argument("--device", default="auto")
@@ -85,8 +85,8 @@ def main(argv: list[str]) -> int:
                                    max_tokens=args.max_tokens, text_field=args.text_field, device=device,
                                    precision=precision)
             row["data"] = scores.to_dict()
-            print(f"{name}: loss {scores.loss:.4f} | perplexity {scores.perplexity:.3f} | "
-                  f"bits per byte {scores.bits_per_byte:.4f} | {scores.tokens:,} tokens, {scores.bytes:,} bytes")
+            print(f"{name}: loss {scores.loss:.4f} | perplexity {scores.perplexity:.3f} | bits per byte "
+                  f"{scores.bits_per_byte:.4f} | {scores.tokens:,} tokens, {scores.bytes:,} bytes")
         if tasks:
             from scion.evaluate.harness import evaluate_tasks
 
@@ -109,9 +109,9 @@ def main(argv: list[str]) -> int:
     if out is not None:
         import lm_eval
 
-        record = {"model": str(args.model), "tasks": tasks, "data": args.data, "num_fewshot": args.num_fewshot,
-                  "limit": args.limit, "seed": args.seed, "lm_eval_version": getattr(lm_eval, "__version__", None),
-                  "rows": rows}
+        record = {"model": str(args.model), "tasks": tasks, "data": args.data,
+                  "num_fewshot": args.num_fewshot, "limit": args.limit, "seed": args.seed,
+                  "lm_eval_version": getattr(lm_eval, "__version__", None), "rows": rows}
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(record, indent=1) + "\n")
         print(f"results: {out}", file=sys.stderr)
@@ -133,7 +133,7 @@ def select_checkpoints(path: Path, which: str | None, list_checkpoints, is_run) 
         try:
             steps = {int(s) for s in which.split(",") if s.strip()}
         except ValueError:
-            raise ScionError(f"--checkpoints {which!r}: use all, milestones, or comma-separated steps") from None
+            raise ScionError(f"--checkpoints {which!r}: use all, milestones or steps (1000,2000)") from None
         chosen = [r for r in refs if r.step in steps]
         absent = steps - {r.step for r in chosen}
         if absent:
@@ -144,7 +144,7 @@ def select_checkpoints(path: Path, which: str | None, list_checkpoints, is_run) 
     return [r.path.name for r in chosen]
 
 
-def checkpoint_label(source: str, which: str | None, run_dir: Path | None) -> tuple[str, int | None, int | None]:
+def checkpoint_label(source: str, which: str | None, run_dir: Path | None):
     """(name, step, tokens) of the checkpoint evaluated, for the table and the chart."""
     if run_dir is None:
         return Path(str(source)).name or str(source), None, None
