@@ -73,6 +73,9 @@ class ScionLM(TemplateLM):
         return self.tok.decode(tokens)
 
     # ---- scoring -------------------------------------------------------------------------------
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        return super().loglikelihood(requests, disable_tqdm=disable_tqdm or not self.progress)
+
     @torch.inference_mode()
     def _score(self, pairs: list[tuple[list[int], list[int]]], desc: str,
                disable_tqdm: bool = False) -> list[tuple[float, bool]]:
@@ -189,11 +192,18 @@ class ScionLM(TemplateLM):
 # ---- tasks -----------------------------------------------------------------------------------
 
 
-def _quiet():
-    """lm-eval logs at INFO through its own handlers; keep the terminal to scion's lines."""
+@contextlib.contextmanager
+def _quiet(all_output: bool = False):
+    """lm-eval logs through its own handlers; keep the terminal to scion's lines (and, during
+    training, hide the harness's progress bars too)."""
     for name in ("lm-eval", "lm_eval"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    return contextlib.redirect_stdout(io.StringIO())
+        logging.getLogger(name).setLevel(logging.ERROR)
+    with contextlib.redirect_stdout(io.StringIO()):
+        if all_output:
+            with contextlib.redirect_stderr(io.StringIO()):
+                yield
+        else:
+            yield
 
 
 def unknown_task_message(missing: list[str], known: list[str]) -> str:
@@ -277,7 +287,7 @@ def evaluate_tasks(model: Transformer, tokenizer: Tokenizer, tasks: list[str], *
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     was_training = model.training
     try:
-        with _quiet():
+        with _quiet(all_output=not progress):
             results = lm_eval.simple_evaluate(
                 model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=manager,
                 log_samples=False, bootstrap_iters=1000, random_seed=seed, numpy_random_seed=seed,
