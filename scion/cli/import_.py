@@ -9,7 +9,7 @@ EXAMPLES = """
 examples:
   scion import path/to/TinyLlama-1.1B --out runs/tinyllama
   scion import hf:openlm-research/open_llama_3b --out runs/openllama --dtype bfloat16
-  scion import gpt2 --out runs/gpt2                # a hub id (needs the hub)
+  scion import hf:gpt2 --out runs/gpt2             # a hub id (needs the hub)
   scion generate runs/tinyllama --prompt "Once upon a time"
 """
 
@@ -17,7 +17,7 @@ examples:
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="scion import", description=__doc__.splitlines()[0] + EXAMPLES,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("source", help="a Hugging Face model folder, or a hub id (owner/name or hf:owner/name)")
+    p.add_argument("source", help="a Hugging Face model folder, or a hub id (owner/name, hf:name)")
     p.add_argument("--out", required=True, help="the run directory to create")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weight dtype of the run (auto: as the source stores them)")
