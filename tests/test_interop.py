@@ -262,3 +262,12 @@ def test_weights_that_do_not_match_the_config_are_refused(tmp_path):
     (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
     with pytest.raises(ScionError, match="do not match config.json"):
         load_hf(tmp_path / "hf")
+
+
+def test_hub_ids_go_through_huggingface_hub(monkeypatch):
+    """The hub path is real; offline (as here) it fails with one clear line, not a traceback."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ScionError, match="someone/tiny-llama: could not download from the Hugging Face hub"):
+        load_reference("hf:someone/tiny-llama")
