@@ -158,7 +158,7 @@ def direct_logprob(model, ids: list[int], n_cont: int) -> float:
 def test_loglikelihood_is_the_models_log_probability(random_model):
     model, tok, _ = random_model
     lm = ScionLM(model, tok, batch_size=3, progress=False)
-    long_context = "The quick brown fox jumps over the lazy dog. " * 6  # longer than the 32-token context
+    long_context = " ".join(["The quick brown fox jumps over the lazy dog."] * 6)  # over the 32-token context
     pairs = [("The quick brown", " fox"), ("Pack my box", " with five dozen"),
              ("Sphinx", " of black quartz"), (long_context, " judge"), ("", "naïve café")]
     requests = [Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)]
