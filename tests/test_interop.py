@@ -131,6 +131,9 @@ def test_import_cli_makes_a_run_that_generates(tmp_path, run_scion):
     assert loaded.config.model.position == "learned" and loaded.tokenizer.eos_id == tok.eos_id
     proc = run_scion("generate", run, "--prompt", "The quick", "--max-new-tokens", "5", "--seed", "0")
     assert proc.stdout.startswith("The quick")
+    with pytest.raises(ScionError, match="already exists and is not empty"):  # an existing run stays
+        import_run(tmp_path / "hf", run)
+    assert ckpt.verify_checkpoint(ckpt.list_checkpoints(run)[0].path) is None
 
 
 def test_export_cli_writes_any_checkpoint(tmp_path, run_scion):

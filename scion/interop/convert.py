@@ -109,6 +109,8 @@ def import_run(source: str | Path, out: str | Path, *, dtype: str | None = None,
                overwrite: bool = False, revision: str | None = None) -> Path:
     """Turn an HF model into a scion run directory: config.yaml, tokenizer/ and a step-0
     checkpoint, which `scion generate`, `scion eval` and every recipe read as any other run."""
+    if Path(out).is_dir() and any(Path(out).iterdir()) and not overwrite:
+        prepare_run_dir(out, overwrite)  # refuses with the usual message, before any work
     model, tok, cfg = load_hf(source, dtype=dtype, revision=revision)
     if tokenizer is not None:
         tok = load_tokenizer(tokenizer)
