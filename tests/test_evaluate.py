@@ -103,7 +103,12 @@ def facts_run(facts, tmp_path_factory, cache_dir) -> Path:
     model = ModelConfig(vocab_size=384, n_layer=2, n_head=2, d_model=48, ffn_hidden=128, max_seq_len=16)
     cfg = RunConfig(model=model, data=DataConfig(path=[str(facts["corpus"])], val_fraction=0.1), train=train)
     out = tmp_path_factory.mktemp("runs") / "facts"
-    pretrain(cfg, out, resume=False, progress=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a model this small trains fastest on one thread, above all on a busy machine
+    try:
+        pretrain(cfg, out, resume=False, progress=False)
+    finally:
+        torch.set_num_threads(threads)
     return out
 
 
