@@ -41,7 +41,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--seq-len", type=int, default=None, help="window for --data (default: context)")
     p.add_argument("--max-tokens", type=int, default=None, help="cap on tokens per --data dataset")
     p.add_argument("--text-field", default="text", help="field holding the text in JSONL/Parquet records")
-    p.add_argument("--out", default=None, help="results JSON (default: RUN_DIR/eval/<kind>-<time>.json)")
+    p.add_argument("--out", default=None, help="also write every checkpoint's results to this one JSON file")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     p.add_argument("--seed", type=int, default=1234)
@@ -103,19 +103,34 @@ def main(argv: list[str]) -> int:
         from scion.evaluate.harness import format_table
 
         print(format_table(rows, tasks))
-    out = Path(args.out) if args.out else (
-        run_dir / "eval" / f"{'harness' if tasks else 'data'}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-        if run_dir else None)
-    if out is not None:
-        import lm_eval
+    from importlib.metadata import version
 
-        record = {"model": str(args.model), "tasks": tasks, "data": args.data,
-                  "num_fewshot": args.num_fewshot, "limit": args.limit, "seed": args.seed,
-                  "lm_eval_version": getattr(lm_eval, "__version__", None), "rows": rows}
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(record, indent=1) + "\n")
-        print(f"results: {out}", file=sys.stderr)
+    settings = {"model": str(args.model), "tasks": tasks, "data": args.data, "num_fewshot": args.num_fewshot,
+                "limit": args.limit, "seed": args.seed}
+    if tasks:
+        settings["lm_eval_version"] = version("lm_eval")
+    if run_dir is not None:  # one file per checkpoint in RUN_DIR/eval/, where `scion report` reads them
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for row in rows:
+            path = run_dir / "eval" / f"{'harness' if tasks else 'data'}-{row['checkpoint']}-{stamp}.json"
+            write_json(path, {**settings, **row, "results": report_results(row)})
+    if args.out:  # every checkpoint in one file, ready to chart against tokens seen
+        write_json(Path(args.out), {**settings, "rows": rows})
     return 0
+
+
+def report_results(row: dict) -> dict:
+    """{task: {metric: value}}, as lm-eval's own results files hold them (and `scion report` reads)."""
+    results = dict(row.get("scores", {}).get("metrics", {}))
+    if "data" in row:
+        results["data"] = {k: row["data"][k] for k in ("loss", "perplexity", "bits_per_byte")}
+    return results
+
+
+def write_json(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    print(f"results: {path}", file=sys.stderr)
 
 
 def select_checkpoints(path: Path, which: str | None, list_checkpoints, is_run) -> list[str | None]:
