@@ -107,6 +107,10 @@ class TrainConfig:
     # With --parallel fsdp: also write the weights whole (model.safetensors) in each checkpoint,
     # beside the shards. auto: for models up to 2B parameters; otherwise `scion consolidate`.
     consolidated_weights: Literal["auto", "always", "never"] = "auto"
+    eval_tasks: list[str] = field(default_factory=list)  # lm-eval tasks run during training
+    eval_tasks_every: int = 0  # steps between those runs; 0: never
+    eval_tasks_limit: int | None = None  # documents per task (None: all); keep it small
+    eval_tasks_include: str | None = None  # a folder of task YAML files of your own
 
     def validate(self, model: ModelConfig) -> None:
         for name in ["max_steps", "micro_batch_size", "log_every", "eval_every", "sample_every",
@@ -114,9 +118,11 @@ class TrainConfig:
             if getattr(self, name) <= 0:
                 raise ScionError(f"train.{name} must be positive, got {getattr(self, name)}")
         for name in ["lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip", "milestone_every",
-                     "eval_batches", "sample_tokens"]:
+                     "eval_batches", "sample_tokens", "eval_tasks_every"]:
             if getattr(self, name) < 0:
                 raise ScionError(f"train.{name} must not be negative, got {getattr(self, name)}")
+        if self.eval_tasks_limit is not None and self.eval_tasks_limit <= 0:
+            raise ScionError(f"train.eval_tasks_limit must be positive, got {self.eval_tasks_limit}")
         if self.min_lr > self.lr:
             raise ScionError(f"train.min_lr ({self.min_lr}) must not exceed train.lr ({self.lr})")
         if self.seq_len is not None and not 0 < self.seq_len <= model.max_seq_len:

@@ -25,6 +25,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "inherit": ("scion.cli.inherit", "Inheritune: a smaller model from a reference's first blocks, trained"),
     "grow": ("scion.cli.grow", "Inheritune's Algorithm 1: train, add the reference's next blocks, repeat"),
     "experiment": ("scion.cli.experiment", "a paper's experiment end to end: scion experiment inheritune"),
+    "import": ("scion.cli.import_", "turn a Hugging Face Llama or GPT-2 model into a scion run"),
+    "export": ("scion.cli.export", "write a run as a Hugging Face model folder (safetensors + tokenizer)"),
+    "eval": ("scion.cli.eval", "benchmark tasks (lm-eval) or loss, perplexity and bits per byte"),
 }
 
 

@@ -165,6 +165,11 @@ class Trainer:
         self.global_batch, self.accum = self._batch_geometry()
         self.stop_reason: str | None = None
         self._signals = 0
+        self.task_eval = None  # benchmark tasks every train.eval_tasks_every steps (lm-eval)
+        if self.tcfg.eval_tasks and self.tcfg.eval_tasks_every:
+            from scion.evaluate.harness import TrainingTasks
+
+            self.task_eval = TrainingTasks(self.tcfg, tokenizer, self.device, precision)
 
     # ---- geometry --------------------------------------------------------------------------
     def _batch_geometry(self, tokens: int | None = None) -> tuple[int, int]:
@@ -303,6 +308,10 @@ class Trainer:
                 final = step == t.max_steps
                 if self.val_batches is not None and (step % t.eval_every == 0 or final):
                     self.evaluate(bar)
+                if self.task_eval is not None and (step % t.eval_tasks_every == 0 or final):
+                    scores = self.task_eval(self.model)
+                    self.metrics.write({"step": step, "tokens": self.state.tokens, **scores})
+                    window_start = time.perf_counter()  # benchmark time is not training time
                 if self.tokenizer is not None and t.sample_prompts and (step % t.sample_every == 0 or final):
                     self.sample(bar)
                 milestone = t.milestone_every > 0 and step % t.milestone_every == 0
