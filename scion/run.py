@@ -25,7 +25,7 @@ from scion.errors import ScionError
 from scion.model import Transformer
 from scion.tokenizer import Tokenizer, load_tokenizer
 
-RUN_FILES = ("config.yaml", "metrics.jsonl", "samples.jsonl", "checkpoints", "tokenizer", "data.json",
+RUN_FILES = ("config.yaml", "metrics.jsonl", "samples.jsonl", "checkpoints", "tokenizer", "data.json", "eval", "lazy", "report",
              "tensorboard")
 
 
