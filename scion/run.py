@@ -25,8 +25,8 @@ from scion.errors import ScionError
 from scion.model import Transformer
 from scion.tokenizer import Tokenizer, load_tokenizer
 
-RUN_FILES = ("config.yaml", "metrics.jsonl", "samples.jsonl", "checkpoints", "tokenizer", "data.json", "eval", "lazy", "report",
-             "tensorboard")
+RUN_FILES = ("config.yaml", "metrics.jsonl", "samples.jsonl", "checkpoints", "tokenizer", "data.json",
+             "eval", "lazy", "report", "tensorboard")
 
 
 def is_run(path: str | Path) -> bool:
