@@ -1,0 +1,136 @@
+"""scion's training step against transformers' LlamaForCausalLM, side by side.
+
+    python benchmarks/train_step.py                 # the `small` preset, 2 threads, every mode
+    python benchmarks/train_step.py --steps 20 --modes fp32 compile
+
+Both models have the same configuration (the `small` preset: vocab 8192, hidden 384, 6 layers,
+6 heads, 2 KV heads, FFN 1024, sequence 256, batch 8) and the same step: forward with the loss,
+backward, gradient clipping, AdamW. Each library runs in each mode (fp32, bf16 autocast,
+torch.compile in fp32 and in bf16); the table shows tokens/s and the ratio of scion's best mode
+to transformers' best mode, all measured in this one process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from scion.config import preset  # noqa: E402
+from scion.model import Transformer, flops_per_token  # noqa: E402
+from scion.train.device import measured_cpu_peak  # noqa: E402
+from scion.train.optim import build_optimizer  # noqa: E402
+
+MODES = ["fp32", "bf16", "compile", "compile-bf16"]
+
+
+def scion_model(cfg):
+    model = Transformer(cfg.model)
+    model.init_weights(torch.Generator().manual_seed(0))
+    return model, build_optimizer(model, cfg.train), lambda m, x, y: m(x, y)
+
+
+def hf_model(cfg):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    m = cfg.model
+    hf_cfg = LlamaConfig(
+        vocab_size=m.vocab_size, hidden_size=m.d_model, intermediate_size=m.ffn_hidden,
+        num_hidden_layers=m.n_layer, num_attention_heads=m.n_head, num_key_value_heads=m.kv_heads,
+        max_position_embeddings=m.max_seq_len, rms_norm_eps=m.norm_eps, rope_theta=m.rope_theta,
+        tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
+    )
+    hf_cfg._attn_implementation = "sdpa"
+    model = LlamaForCausalLM(hf_cfg)
+    t = cfg.train
+    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay)
+    return model, opt, lambda mdl, x, y: mdl(input_ids=x, labels=y).loss
+
+
+def measure(build, cfg, mode: str, steps: int, warmup: int) -> dict:
+    torch.manual_seed(0)
+    model, opt, loss_fn = build(cfg)
+    model.train()
+    run = model
+    if mode.startswith("compile"):
+        run = torch.compile(model)
+    bf16 = mode.endswith("bf16")
+    seq, batch = cfg.train.sequence_length(cfg.model), cfg.train.micro_batch_size
+    gen = torch.Generator().manual_seed(0)
+    data = torch.randint(0, cfg.model.vocab_size, (steps + warmup, batch, seq + 1), generator=gen)
+
+    def step(i):
+        x, y = data[i, :, :-1], data[i, :, 1:]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = loss_fn(run, x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    start = time.perf_counter()
+    for i in range(warmup):
+        step(i)
+    warm = time.perf_counter() - start
+    times = []
+    for i in range(warmup, warmup + steps):
+        t0 = time.perf_counter()
+        step(i)
+        times.append(time.perf_counter() - t0)
+    med = statistics.median(times)
+    return {"tokens_per_s": batch * seq / med, "step_ms": med * 1e3, "warmup_s": warm}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per mode (median reported)")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--modes", nargs="+", default=MODES, choices=MODES)
+    ap.add_argument("--only", choices=["scion", "transformers"], help="run one library only")
+    args = ap.parse_args()
+
+    torch.set_num_threads(args.threads)
+    cfg = preset(args.preset)
+    seq = cfg.train.sequence_length(cfg.model)
+    fpt = flops_per_token(cfg.model, seq)
+    libs = {"transformers": hf_model, "scion": scion_model}
+    if args.only:
+        libs = {args.only: libs[args.only]}
+    print(f"torch {torch.__version__}, {args.threads} threads, preset {args.preset} "
+          f"(batch {cfg.train.micro_batch_size} x seq {seq}), {fpt / 1e6:.1f} MFLOP/token", flush=True)
+    rows = []
+    for lib, build in libs.items():
+        for mode in args.modes:
+            r = measure(build, cfg, mode, args.steps, args.warmup)
+            r.update(lib=lib, mode=mode, gflops=r["tokens_per_s"] * fpt / 1e9)
+            rows.append(r)
+            print(f"  {lib:>12} {mode:<13} {r['tokens_per_s']:>9,.0f} tok/s  {r['step_ms']:>8.1f} ms/step  "
+                  f"{r['gflops']:>6.1f} GFLOP/s  (warm-up {r['warmup_s']:.1f} s)", flush=True)
+
+    fp32_peak = measured_cpu_peak("fp32") / 1e9
+    print(f"\nCPU fp32 matmul peak (measured, {args.threads} threads): {fp32_peak:.0f} GFLOP/s "
+          f"-> at most {fp32_peak * 1e9 / fpt:,.0f} tok/s for this model in fp32")
+    print(f"\n| library | mode | tokens/s | ms/step | GFLOP/s | % of fp32 peak |\n|---|---|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['lib']} | {r['mode']} | {r['tokens_per_s']:,.0f} | {r['step_ms']:.1f} | {r['gflops']:.1f} "
+              f"| {100 * r['gflops'] / fp32_peak:.0f}% |")
+    best = {lib: max((r for r in rows if r["lib"] == lib), key=lambda r: r["tokens_per_s"]) for lib in libs}
+    if len(best) == 2:
+        s, h = best["scion"], best["transformers"]
+        print(f"\nbest: scion {s['mode']} {s['tokens_per_s']:,.0f} tok/s vs transformers {h['mode']} "
+              f"{h['tokens_per_s']:,.0f} tok/s -> ratio {s['tokens_per_s'] / h['tokens_per_s']:.2f}x")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
