@@ -14,9 +14,8 @@ import argparse
 import statistics
 import time
 
-from common import hf_llama
-
 import torch
+from common import hf_llama
 
 from scion.config import preset
 from scion.generate import generate
@@ -48,18 +47,29 @@ def main() -> None:
     model.init_weights(torch.Generator().manual_seed(0))
     model.eval()
     hf = hf_llama(cfg, model).eval()
-    print(f"torch {torch.__version__}, {args.threads} threads, preset {args.preset}, prompt {args.prompt}, "
-          f"{args.new} new tokens, greedy, fp32", flush=True)
+    print(
+        f"torch {torch.__version__}, {args.threads} threads, preset {args.preset}, prompt {args.prompt}, "
+        f"{args.new} new tokens, greedy, fp32",
+        flush=True,
+    )
     rows = []
     for batch in args.batches:
-        prompt = torch.randint(0, cfg.vocab_size, (batch, args.prompt), generator=torch.Generator().manual_seed(batch))
+        gen = torch.Generator().manual_seed(batch)
+        prompt = torch.randint(0, cfg.vocab_size, (batch, args.prompt), generator=gen)
 
-        def run_hf():
+        def run_hf(prompt=prompt):
             with torch.inference_mode():
-                return hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=args.new,
-                                   min_new_tokens=args.new, do_sample=False, pad_token_id=0, eos_token_id=None)
+                return hf.generate(
+                    prompt,
+                    attention_mask=torch.ones_like(prompt),
+                    max_new_tokens=args.new,
+                    min_new_tokens=args.new,
+                    do_sample=False,
+                    pad_token_id=0,
+                    eos_token_id=None,
+                )
 
-        def run_scion():
+        def run_scion(prompt=prompt):
             return generate(model, prompt, args.new, temperature=0.0)
 
         run_hf(), run_scion()  # warm-up
@@ -68,12 +78,17 @@ def main() -> None:
         same = torch.equal(hf_out, sc_out)
         r = dict(batch=batch, hf=batch * args.new / hf_s, scion=batch * args.new / sc_s, same=same)
         rows.append(r)
-        print(f"  batch {batch}: transformers {r['hf']:,.0f} tok/s, scion {r['scion']:,.0f} tok/s, "
-              f"ratio {r['scion'] / r['hf']:.2f}x, same tokens: {same}", flush=True)
+        print(
+            f"  batch {batch}: transformers {r['hf']:,.0f} tok/s, scion {r['scion']:,.0f} tok/s, "
+            f"ratio {r['scion'] / r['hf']:.2f}x, same tokens: {same}",
+            flush=True,
+        )
     print("\n| batch | transformers tok/s | scion tok/s | ratio | same tokens |\n|---:|---:|---:|---:|:---:|")
     for r in rows:
-        print(f"| {r['batch']} | {r['hf']:,.0f} | {r['scion']:,.0f} | {r['scion'] / r['hf']:.2f}x | "
-              f"{'yes' if r['same'] else 'NO'} |")
+        print(
+            f"| {r['batch']} | {r['hf']:,.0f} | {r['scion']:,.0f} | {r['scion'] / r['hf']:.2f}x | "
+            f"{'yes' if r['same'] else 'NO'} |"
+        )
 
 
 if __name__ == "__main__":

@@ -41,10 +41,26 @@ from scion.train.compile import compile_blocks  # noqa: E402
 from scion.train.device import autocast, peak_flops  # noqa: E402
 from scion.train.loop import Trainer, World  # noqa: E402
 
-TINY = ModelConfig(name="check-tiny", vocab_size=512, n_layer=2, n_head=4, n_kv_head=2, d_model=64,
-                   ffn_hidden=128, max_seq_len=64)
-SMALL = ModelConfig(name="check-small", vocab_size=4096, n_layer=4, n_head=8, n_kv_head=2, d_model=512,
-                    ffn_hidden=1408, max_seq_len=512)
+TINY = ModelConfig(
+    name="check-tiny",
+    vocab_size=512,
+    n_layer=2,
+    n_head=4,
+    n_kv_head=2,
+    d_model=64,
+    ffn_hidden=128,
+    max_seq_len=64,
+)
+SMALL = ModelConfig(
+    name="check-small",
+    vocab_size=4096,
+    n_layer=4,
+    n_head=8,
+    n_kv_head=2,
+    d_model=512,
+    ffn_hidden=1408,
+    max_seq_len=512,
+)
 
 
 class RandomTokens:
@@ -77,6 +93,10 @@ class Results:
         status = value.get("status", "ok")
         detail = {k: v for k, v in value.items() if k != "status"}
         print(f"[{status:>7}] {name}: {json.dumps(detail)}", flush=True)
+
+
+def failure(e: Exception) -> dict:
+    return {"status": "FAILED", "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-2000:]}
 
 
 def build(cfg: ModelConfig, device, seed: int = 0) -> Transformer:
@@ -158,8 +178,11 @@ def fsdp_worker(args) -> None:
 
     from scion.parallel import init_distributed, parallelize
 
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() \
+    device = (
+        torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        if torch.cuda.is_available()
         else torch.device("cpu")
+    )
     cfg = RunConfig(model=TINY if args.dry_run else SMALL)
     cfg.train.max_steps, cfg.train.warmup_steps, cfg.train.log_every = 4, 1, 1
     cfg.train.micro_batch_size, cfg.train.parallel, cfg.train.sample_prompts = 4, "fsdp", []
@@ -185,29 +208,54 @@ def fsdp_worker(args) -> None:
             if not sharded and train_model is model:
                 result.update(status="skipped", reason="parallelize applied no FSDP wrapping on one rank")
                 break
-        trainer = ThroughputTrainer(cfg, Path(args.out) / f"fsdp-{parallel}", model,
-                                    RandomTokens(cfg.model.vocab_size, cfg.model.max_seq_len),
-                                    device=device, precision=precision, world=world, parallel_model=train_model,
-                                    progress=False, log=lambda m: None)
-        (Path(args.out) / f"fsdp-{parallel}").mkdir(parents=True, exist_ok=True)
+        run_dir = Path(args.out) / f"fsdp-{parallel}"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        trainer = ThroughputTrainer(
+            cfg,
+            run_dir,
+            model,
+            RandomTokens(cfg.model.vocab_size, cfg.model.max_seq_len),
+            device=device,
+            precision=precision,
+            world=world,
+            parallel_model=train_model,
+            progress=False,
+            log=lambda m: None,
+        )
         trainer.fit()
-        records = [json.loads(x) for x in (Path(args.out) / f"fsdp-{parallel}" / "metrics.jsonl").read_text().splitlines()]
+        records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
         losses[parallel] = [r["loss"] for r in records if "loss" in r]
     if "status" not in result:
         diff = max(abs(a - b) for a, b in zip(losses["none"], losses["fsdp"], strict=True))
         tol = 2e-2 if precision == "bf16" else 1e-4
-        result.update(status="ok" if diff <= tol * losses["none"][0] else "FAILED", losses=losses,
-                      max_loss_diff=diff, precision=precision)
+        result.update(
+            status="ok" if diff <= tol * losses["none"][0] else "FAILED",
+            losses=losses,
+            max_loss_diff=diff,
+            precision=precision,
+        )
     if world.main:
         Path(args.out, "fsdp.json").write_text(json.dumps(result))
     dist.destroy_process_group()
 
 
 def check_fsdp(out: Path, dry_run: bool, timeout: float) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]) + os.pathsep
-               + os.environ.get("PYTHONPATH", ""))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
-           str(Path(__file__).resolve()), str(out), "--fsdp-worker"] + (["--dry-run"] if dry_run else [])
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(Path(__file__).resolve().parents[1]) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "1",
+        str(Path(__file__).resolve()),
+        str(out),
+        "--fsdp-worker",
+    ] + (["--dry-run"] if dry_run else [])
     (out / "fsdp.json").unlink(missing_ok=True)
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
@@ -235,9 +283,16 @@ def check_throughput(cfg: RunConfig, device, precision: str, steps: int, out: Pa
         model = None
         try:
             model = compile_blocks(build(cfg.model, device, seed=t.seed))
-            trainer = ThroughputTrainer(cfg, run_dir, model, RandomTokens(cfg.model.vocab_size, seq),
-                                        device=device, precision=precision, progress=False,
-                                        log=lambda m: print("   ", m, flush=True))
+            trainer = ThroughputTrainer(
+                cfg,
+                run_dir,
+                model,
+                RandomTokens(cfg.model.vocab_size, seq),
+                device=device,
+                precision=precision,
+                progress=False,
+                log=lambda m: print("   ", m, flush=True),
+            )
             started = time.perf_counter()
             trainer.fit()
             wall = time.perf_counter() - started
@@ -250,12 +305,21 @@ def check_throughput(cfg: RunConfig, device, precision: str, steps: int, out: Pa
         last = records[-1]
         peak = peak_flops(device, precision)
         result = {
-            "status": "ok", "model": cfg.model.name, "params_M": round(model.num_params() / 1e6, 1),
-            "seq_len": seq, "micro_batch": micro, "steps": steps, "precision": precision,
-            "tokens_per_s": round(last["tokens_per_s"]), "mfu": last.get("mfu"),
-            "peak_flops": peak[0] if peak else None, "peak_label": peak[1] if peak else None,
-            "flops_per_token": flops_per_token(cfg.model, seq), "wall_s": round(wall, 1),
-            "first_window_s": round(records[0]["elapsed_s"], 1), "final_loss": round(last["loss"], 4),
+            "status": "ok",
+            "model": cfg.model.name,
+            "params_M": round(model.num_params() / 1e6, 1),
+            "seq_len": seq,
+            "micro_batch": micro,
+            "steps": steps,
+            "precision": precision,
+            "tokens_per_s": round(last["tokens_per_s"]),
+            "mfu": last.get("mfu"),
+            "peak_flops": peak[0] if peak else None,
+            "peak_label": peak[1] if peak else None,
+            "flops_per_token": flops_per_token(cfg.model, seq),
+            "wall_s": round(wall, 1),
+            "first_window_s": round(records[0]["elapsed_s"], 1),
+            "final_loss": round(last["loss"], 4),
         }
         if device.type == "cuda":
             result["max_memory_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
@@ -286,8 +350,12 @@ def main() -> None:
         device = torch.device("cuda")
         torch.backends.cuda.matmul.allow_tf32 = False  # the correctness checks compare fp32 exactly
     results = Results(out)
-    env = {"python": platform.python_version(), "torch": torch.__version__, "dry_run": args.dry_run,
-           "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"}
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "dry_run": args.dry_run,
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+    }
     if device.type == "cuda":
         env["cuda"] = torch.version.cuda
         env["capability"] = ".".join(map(str, torch.cuda.get_device_capability()))
@@ -305,7 +373,7 @@ def main() -> None:
         try:
             value = fn()
         except Exception as e:  # a broken step is a result to record, not the end of the check
-            value = {"status": "FAILED", "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-2000:]}
+            value = failure(e)
         value["seconds"] = round(time.perf_counter() - started, 1)
         failed |= value["status"] == "FAILED"
         results.record(name, value)
@@ -322,14 +390,15 @@ def main() -> None:
     try:
         value = check_throughput(cfg, device, precision, steps, out)
     except Exception as e:
-        value = {"status": "FAILED", "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-2000:]}
+        value = failure(e)
     value["seconds"] = round(time.perf_counter() - started, 1)
     failed |= value["status"] == "FAILED"
     results.record("throughput", value)
     results.data["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     results.data["ok"] = not failed
     results.path.write_text(json.dumps(results.data, indent=1))
-    print(f"gpu_check: {'all checks passed' if not failed else 'SOME CHECKS FAILED'}; results in {results.path}")
+    verdict = "SOME CHECKS FAILED" if failed else "all checks passed"
+    print(f"gpu_check: {verdict}; results in {results.path}")
     sys.exit(1 if failed else 0)
 
 

@@ -22,9 +22,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from common import hf_llama  # noqa: E402
 
 from scion.config import preset  # noqa: E402
 from scion.model import Transformer, flops_per_token  # noqa: E402
+from scion.train.compile import compile_blocks  # noqa: E402
 from scion.train.device import measured_cpu_peak  # noqa: E402
 from scion.train.optim import build_optimizer  # noqa: E402
 
@@ -37,20 +39,16 @@ def scion_model(cfg):
     return model, build_optimizer(model, cfg.train), lambda m, x, y: m(x, y)
 
 
-def hf_model(cfg):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def scion_compile(model):
+    return compile_blocks(model)  # what `scion pretrain --compile` does
 
-    m = cfg.model
-    hf_cfg = LlamaConfig(
-        vocab_size=m.vocab_size, hidden_size=m.d_model, intermediate_size=m.ffn_hidden,
-        num_hidden_layers=m.n_layer, num_attention_heads=m.n_head, num_key_value_heads=m.kv_heads,
-        max_position_embeddings=m.max_seq_len, rms_norm_eps=m.norm_eps, rope_theta=m.rope_theta,
-        tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
-    )
-    hf_cfg._attn_implementation = "sdpa"
-    model = LlamaForCausalLM(hf_cfg)
+
+def hf_model(cfg):
+    model = hf_llama(cfg.model)
     t = cfg.train
-    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay)
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay
+    )
     return model, opt, lambda mdl, x, y: mdl(input_ids=x, labels=y).loss
 
 
@@ -60,7 +58,7 @@ def measure(build, cfg, mode: str, steps: int, warmup: int) -> dict:
     model.train()
     run = model
     if mode.startswith("compile"):
-        run = torch.compile(model)
+        run = scion_compile(model) if build is scion_model else torch.compile(model)
     bf16 = mode.endswith("bf16")
     seq, batch = cfg.train.sequence_length(cfg.model), cfg.train.micro_batch_size
     gen = torch.Generator().manual_seed(0)
@@ -106,29 +104,42 @@ def main() -> None:
     libs = {"transformers": hf_model, "scion": scion_model}
     if args.only:
         libs = {args.only: libs[args.only]}
-    print(f"torch {torch.__version__}, {args.threads} threads, preset {args.preset} "
-          f"(batch {cfg.train.micro_batch_size} x seq {seq}), {fpt / 1e6:.1f} MFLOP/token", flush=True)
+    print(
+        f"torch {torch.__version__}, {args.threads} threads, preset {args.preset} "
+        f"(batch {cfg.train.micro_batch_size} x seq {seq}), {fpt / 1e6:.1f} MFLOP/token",
+        flush=True,
+    )
     rows = []
     for lib, build in libs.items():
         for mode in args.modes:
             r = measure(build, cfg, mode, args.steps, args.warmup)
             r.update(lib=lib, mode=mode, gflops=r["tokens_per_s"] * fpt / 1e9)
             rows.append(r)
-            print(f"  {lib:>12} {mode:<13} {r['tokens_per_s']:>9,.0f} tok/s  {r['step_ms']:>8.1f} ms/step  "
-                  f"{r['gflops']:>6.1f} GFLOP/s  (warm-up {r['warmup_s']:.1f} s)", flush=True)
+            print(
+                f"  {lib:>12} {mode:<13} {r['tokens_per_s']:>9,.0f} tok/s  {r['step_ms']:>8.1f} ms/step  "
+                f"{r['gflops']:>6.1f} GFLOP/s  (warm-up {r['warmup_s']:.1f} s)",
+                flush=True,
+            )
 
     fp32_peak = measured_cpu_peak("fp32") / 1e9
-    print(f"\nCPU fp32 matmul peak (measured, {args.threads} threads): {fp32_peak:.0f} GFLOP/s "
-          f"-> at most {fp32_peak * 1e9 / fpt:,.0f} tok/s for this model in fp32")
-    print(f"\n| library | mode | tokens/s | ms/step | GFLOP/s | % of fp32 peak |\n|---|---|---:|---:|---:|---:|")
+    print(
+        f"\nCPU fp32 matmul peak (measured, {args.threads} threads): {fp32_peak:.0f} GFLOP/s "
+        f"-> at most {fp32_peak * 1e9 / fpt:,.0f} tok/s for this model in fp32"
+    )
+    print("\n| library | mode | tokens/s | ms/step | GFLOP/s | % of fp32 peak |")
+    print("|---|---|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['lib']} | {r['mode']} | {r['tokens_per_s']:,.0f} | {r['step_ms']:.1f} | {r['gflops']:.1f} "
-              f"| {100 * r['gflops'] / fp32_peak:.0f}% |")
+        print(
+            f"| {r['lib']} | {r['mode']} | {r['tokens_per_s']:,.0f} | {r['step_ms']:.1f} "
+            f"| {r['gflops']:.1f} | {100 * r['gflops'] / fp32_peak:.0f}% |"
+        )
     best = {lib: max((r for r in rows if r["lib"] == lib), key=lambda r: r["tokens_per_s"]) for lib in libs}
     if len(best) == 2:
         s, h = best["scion"], best["transformers"]
-        print(f"\nbest: scion {s['mode']} {s['tokens_per_s']:,.0f} tok/s vs transformers {h['mode']} "
-              f"{h['tokens_per_s']:,.0f} tok/s -> ratio {s['tokens_per_s'] / h['tokens_per_s']:.2f}x")
+        print(
+            f"\nbest: scion {s['mode']} {s['tokens_per_s']:,.0f} tok/s vs transformers {h['mode']} "
+            f"{h['tokens_per_s']:,.0f} tok/s -> ratio {s['tokens_per_s'] / h['tokens_per_s']:.2f}x"
+        )
 
 
 if __name__ == "__main__":

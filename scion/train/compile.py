@@ -22,8 +22,9 @@ def compile_blocks(model: Transformer, **compile_kwargs) -> Transformer:
         eager = block.forward
         compiled = torch.compile(eager, **compile_kwargs)
 
-        def forward(x, rope, kv_cache=None, pos=0, doc_mask=None, _block=block, _eager=eager, _compiled=compiled):
-            if kv_cache is None and _block.attn.observer is None:
+        def forward(x, rope, kv_cache=None, pos=0, doc_mask=None, *, _attn=block.attn, _eager=eager,
+                    _compiled=compiled):
+            if kv_cache is None and _attn.observer is None:
                 return _compiled(x, rope, None, pos, doc_mask)
             return _eager(x, rope, kv_cache, pos, doc_mask)
 
