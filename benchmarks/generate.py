@@ -5,7 +5,8 @@
 
 Both decode greedily in fp32 from the same random prompt with the same weights (copied into
 transformers' LlamaForCausalLM), and the benchmark checks that they produce the same tokens.
-Reported: new tokens per second (batch x new tokens / wall time, prompt processing included).
+Reported: new tokens per second (batch x new tokens / wall time, prompt processing included),
+the median of runs that alternate between the two libraries.
 """
 
 from __future__ import annotations
@@ -22,13 +23,16 @@ from scion.generate import generate
 from scion.model import Transformer
 
 
-def timed(fn, repeats: int):
-    out, times = None, []
+def interleaved(fns, repeats: int):
+    """Run each function once in turn, `repeats` times over (a load change on a shared machine
+    hits all alike); the last outputs and the median seconds of each."""
+    outs, times = [None] * len(fns), [[] for _ in fns]
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return out, statistics.median(times)
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            outs[i] = fn()
+            times[i].append(time.perf_counter() - t0)
+    return outs, [statistics.median(t) for t in times]
 
 
 def main() -> None:
@@ -73,8 +77,7 @@ def main() -> None:
             return generate(model, prompt, args.new, temperature=0.0)
 
         run_hf(), run_scion()  # warm-up
-        hf_out, hf_s = timed(run_hf, args.repeats)
-        sc_out, sc_s = timed(run_scion, args.repeats)
+        (hf_out, sc_out), (hf_s, sc_s) = interleaved([run_hf, run_scion], args.repeats)
         same = torch.equal(hf_out, sc_out)
         r = dict(batch=batch, hf=batch * args.new / hf_s, scion=batch * args.new / sc_s, same=same)
         rows.append(r)

@@ -7,7 +7,9 @@ Both models have the same configuration (the `small` preset: vocab 8192, hidden 
 6 heads, 2 KV heads, FFN 1024, sequence 256, batch 8) and the same step: forward with the loss,
 backward, gradient clipping, AdamW. Each library runs in each mode (fp32, bf16 autocast,
 torch.compile in fp32 and in bf16); the table shows tokens/s and the ratio of scion's best mode
-to transformers' best mode, all measured in this one process.
+to transformers' best mode, all measured in this one process. After the warm-up, the timed steps
+are interleaved (one step of each library and mode in turn), so that on a shared machine a change
+of load affects every configuration alike.
 """
 
 from __future__ import annotations
@@ -52,45 +54,54 @@ def hf_model(cfg):
     return model, opt, lambda mdl, x, y: mdl(input_ids=x, labels=y).loss
 
 
-def measure(build, cfg, mode: str, steps: int, warmup: int) -> dict:
-    torch.manual_seed(0)
-    model, opt, loss_fn = build(cfg)
-    model.train()
-    run = model
-    if mode.startswith("compile"):
-        run = scion_compile(model) if build is scion_model else torch.compile(model)
-    bf16 = mode.endswith("bf16")
-    seq, batch = cfg.train.sequence_length(cfg.model), cfg.train.micro_batch_size
-    gen = torch.Generator().manual_seed(0)
-    data = torch.randint(0, cfg.model.vocab_size, (steps + warmup, batch, seq + 1), generator=gen)
+class Runner:
+    """One library in one mode: its model, optimizer and data, stepping on demand."""
 
-    def step(i):
-        x, y = data[i, :, :-1], data[i, :, 1:]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = loss_fn(run, x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.item()
+    def __init__(self, lib: str, build, cfg, mode: str, steps: int):
+        torch.manual_seed(0)
+        self.lib, self.mode = lib, mode
+        self.model, self.opt, self.loss_fn = build(cfg)
+        self.model.train()
+        self.run = self.model
+        if mode.startswith("compile"):
+            self.run = scion_compile(self.model) if lib == "scion" else torch.compile(self.model)
+        self.bf16 = mode.endswith("bf16")
+        seq, batch = cfg.train.sequence_length(cfg.model), cfg.train.micro_batch_size
+        gen = torch.Generator().manual_seed(0)
+        self.data = torch.randint(0, cfg.model.vocab_size, (steps, batch, seq + 1), generator=gen)
+        self.tokens = batch * seq
+        self.i, self.times, self.warmup_s = 0, [], 0.0
 
-    start = time.perf_counter()
-    for i in range(warmup):
-        step(i)
-    warm = time.perf_counter() - start
-    times = []
-    for i in range(warmup, warmup + steps):
+    def step(self) -> float:
+        x, y = self.data[self.i % len(self.data), :, :-1], self.data[self.i % len(self.data), :, 1:]
+        self.i += 1
         t0 = time.perf_counter()
-        step(i)
-        times.append(time.perf_counter() - t0)
-    med = statistics.median(times)
-    return {"tokens_per_s": batch * seq / med, "step_ms": med * 1e3, "warmup_s": warm}
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            loss = self.loss_fn(self.run, x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        loss.item()
+        return time.perf_counter() - t0
+
+    def result(self) -> dict:
+        med = statistics.median(self.times)
+        return {
+            "lib": self.lib,
+            "mode": self.mode,
+            "tokens_per_s": self.tokens / med,
+            "step_ms": med * 1e3,
+            "warmup_s": self.warmup_s,
+        }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="small")
-    ap.add_argument("--steps", type=int, default=10, help="timed steps per mode (median reported)")
+    ap.add_argument(
+        "--steps", type=int, default=10, help="timed steps per mode, interleaved (median reported)"
+    )
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--modes", nargs="+", default=MODES, choices=MODES)
@@ -109,17 +120,28 @@ def main() -> None:
         f"(batch {cfg.train.micro_batch_size} x seq {seq}), {fpt / 1e6:.1f} MFLOP/token",
         flush=True,
     )
+    runners = [
+        Runner(lib, build, cfg, mode, args.steps + args.warmup)
+        for lib, build in libs.items()
+        for mode in args.modes
+    ]
+    for r in runners:  # warm-up (and compilation) first, untimed
+        r.warmup_s = sum(r.step() for _ in range(args.warmup))
+        print(f"  warmed up {r.lib} {r.mode} in {r.warmup_s:.1f} s", flush=True)
+    # Then one step of each in turn, so that a load change on a shared machine hits all alike.
+    for _ in range(args.steps):
+        for r in runners:
+            r.times.append(r.step())
     rows = []
-    for lib, build in libs.items():
-        for mode in args.modes:
-            r = measure(build, cfg, mode, args.steps, args.warmup)
-            r.update(lib=lib, mode=mode, gflops=r["tokens_per_s"] * fpt / 1e9)
-            rows.append(r)
-            print(
-                f"  {lib:>12} {mode:<13} {r['tokens_per_s']:>9,.0f} tok/s  {r['step_ms']:>8.1f} ms/step  "
-                f"{r['gflops']:>6.1f} GFLOP/s  (warm-up {r['warmup_s']:.1f} s)",
-                flush=True,
-            )
+    for r in runners:
+        row = r.result()
+        row["gflops"] = row["tokens_per_s"] * fpt / 1e9
+        rows.append(row)
+        print(
+            f"  {row['lib']:>12} {row['mode']:<13} {row['tokens_per_s']:>9,.0f} tok/s  "
+            f"{row['step_ms']:>8.1f} ms/step  {row['gflops']:>6.1f} GFLOP/s",
+            flush=True,
+        )
 
     fp32_peak = measured_cpu_peak("fp32") / 1e9
     print(
