@@ -15,14 +15,17 @@ from scion.model import Transformer
 
 
 def compile_blocks(model: Transformer, **compile_kwargs) -> Transformer:
-    """Compile `model`'s blocks in place and return the model."""
+    """Compile `model`'s blocks (plain, or wrapped for activation checkpointing) in place and
+    return the model."""
     for block in model.blocks:
         if getattr(block, "_scion_compiled", False):
             continue
         eager = block.forward
         compiled = torch.compile(eager, **compile_kwargs)
 
-        def forward(x, rope, kv_cache=None, pos=0, doc_mask=None, *, _attn=block.attn, _eager=eager,
+        inner = getattr(block, "_checkpoint_wrapped_module", block)  # under activation checkpointing
+
+        def forward(x, rope, kv_cache=None, pos=0, doc_mask=None, *, _attn=inner.attn, _eager=eager,
                     _compiled=compiled):
             if kv_cache is None and _attn.observer is None:
                 return _compiled(x, rope, None, pos, doc_mask)
