@@ -12,6 +12,7 @@ the first step.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -60,10 +61,10 @@ def main() -> None:
     print("seconds | what scion logged")
     for t, line in stamps:
         print(f"{t:7.2f} | {line[:150]}")
-    first_step = next((t for t, line in stamps if line.startswith("step 1/")), None)
-    print(
-        f"\nimporting scion's CLI and pretrain modules alone: {top[0][0] / 1e6:.2f} s; the slowest imports:"
-    )
+    # The first step ends where the progress bar reaches 1/1 (or a plain log reports step 1).
+    done = re.compile(r"^(train: 100%.* 1/1 |step 1[/:])")
+    first_step = next((t for t, line in stamps if done.search(line)), None)
+    print(f"\nimporting scion's CLI and pretrain modules alone: {top[0][0] / 1e6:.2f} s; the slowest imports:")
     for us, name in top[1:8]:
         print(f"  {us / 1e6:5.2f} s  {name}")
     if first_step is None:
