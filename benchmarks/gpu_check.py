@@ -179,9 +179,7 @@ def fsdp_worker(args) -> None:
     from scion.parallel import init_distributed, parallelize
 
     device = (
-        torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        if torch.cuda.is_available()
-        else torch.device("cpu")
+        torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
     )
     cfg = RunConfig(model=TINY if args.dry_run else SMALL)
     cfg.train.max_steps, cfg.train.warmup_steps, cfg.train.log_every = 4, 1, 1
@@ -196,7 +194,10 @@ def fsdp_worker(args) -> None:
     for parallel in ("none", "fsdp"):
         model = build(cfg.model, device, seed=cfg.train.seed)
         try:
-            train_model = parallelize(model, parallel, device, world)
+            # Compiled on the GPU, as a GPU run would be; eager in the dry run, to keep it short.
+            train_model = parallelize(
+                model, parallel, device, world, compile=device.type == "cuda", precision=precision
+            )
         except ScionError as e:
             result = {"status": "skipped", "reason": f"scion.parallel has no FSDP here: {e}"}
             break
