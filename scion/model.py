@@ -213,11 +213,13 @@ class Transformer(nn.Module):
         if pos + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {pos + T} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
         x = self.embed(idx)
-        if positions is None:
-            positions = torch.arange(pos, pos + T, device=idx.device)
         if self.cfg.position == "learned":
+            if positions is None:
+                positions = torch.arange(pos, pos + T, device=idx.device)
             x = x + self.pos_embed(positions)
             rope = None
+        elif positions is None:  # contiguous positions: a view of the tables, no gather
+            rope = (self.rope_cos[pos:pos + T].to(x.dtype), self.rope_sin[pos:pos + T].to(x.dtype))
         else:
             rope = (self.rope_cos[positions].to(x.dtype), self.rope_sin[positions].to(x.dtype))
             if positions.dim() == 2:  # one row of positions per sequence: broadcast over heads

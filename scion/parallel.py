@@ -5,7 +5,7 @@ torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; `init_distributed` joins the proce
 torchtitan's order:
 
     activation checkpointing   each block's activations are recomputed in the backward pass
-    torch.compile              per block for FSDP (before sharding); the whole model otherwise
+    torch.compile              per block, in place, before sharding (scion.train.compile)
     FSDP2 / DDP                `fully_shard` on every block, then on the root; or DDP
 
 FSDP2 shards in place: the model keeps its class and parameter names, its parameters become
@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from scion.errors import ScionError
+from scion.train.compile import compile_blocks
 from scion.train.loop import World
 
 
@@ -59,10 +60,9 @@ def parallelize(
     """The module that forward/backward should run through (for FSDP, the model itself)."""
     if activation_checkpointing:
         apply_activation_checkpointing(model)
+    if compile:
+        compile_blocks(model)  # in place: parameter names do not change
     if parallel == "fsdp":
-        if compile:
-            for block in model.blocks:
-                block.compile()  # in place: parameter names do not change
         apply_fsdp(model, device, world, precision)
         return model
     train_model = model
@@ -71,8 +71,6 @@ def parallelize(
 
         ids = [device.index] if device.type == "cuda" else None
         train_model = DDP(model, device_ids=ids)
-    if compile:
-        train_model = torch.compile(train_model)
     return train_model
 
 

@@ -144,7 +144,7 @@ def prepare(paths: list[str], tokenizer: Tokenizer, out: str | Path, opts: Prepa
     def flush(done) -> None:
         batch, encoded = done.result()
         for (record, file_index, split, add_eos, _), ids in zip(batch, encoded, strict=True):
-            arr = np.asarray(ids + [eos] if add_eos else ids, dtype=np.int64)
+            arr = np.asarray(ids + [eos] if add_eos else ids, dtype=dtype)
             writers[split].write(file_index, arr, record)
 
     # Pieces stream into the batch and the batch goes to the tokenizer as soon as it is full, so
@@ -163,9 +163,11 @@ def prepare(paths: list[str], tokenizer: Tokenizer, out: str | Path, opts: Prepa
                     record["documents"] += ends_doc
                     piece_index += 1
                     if batch_chars >= BATCH_CHARS:
+                        # Queue this batch before writing the previous one: the tokenizer never waits.
+                        submitted = pool.submit(encode, batch)
                         if pending is not None:
                             flush(pending)
-                        pending, batch, batch_chars = pool.submit(encode, batch), [], 0
+                        pending, batch, batch_chars = submitted, [], 0
             except BadFile as e:
                 if opts.bad_files == "error":
                     raise ScionError(f"{path}: {e}; fix or remove the file, or pass --bad-files skip") from e

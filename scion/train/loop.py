@@ -308,12 +308,14 @@ class Trainer:
                 final = step == t.max_steps
                 if self.val_batches is not None and (step % t.eval_every == 0 or final):
                     self.evaluate(bar)
+                    window_start = time.perf_counter()  # evaluation is not training time
                 if self.task_eval is not None and (step % t.eval_tasks_every == 0 or final):
                     scores = self.task_eval(self.model)
                     self.metrics.write({"step": step, "tokens": self.state.tokens, **scores})
                     window_start = time.perf_counter()  # benchmark time is not training time
                 if self.tokenizer is not None and t.sample_prompts and (step % t.sample_every == 0 or final):
                     self.sample(bar)
+                    window_start = time.perf_counter()
                 milestone = t.milestone_every > 0 and step % t.milestone_every == 0
                 if step % t.checkpoint_every == 0 or final or milestone or self.stop_reason:
                     self.save(milestone=milestone)

@@ -19,8 +19,12 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Ada
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    # The fused kernel updates all parameters in one pass: on CUDA, and on CPU (torch >= 2.4)
+    # for plain tensors; sharded (DTensor) parameters on CPU keep the default implementation.
     kwargs = {}
     if params and params[0].device.type == "cuda":
+        kwargs["fused"] = True
+    elif params and params[0].device.type == "cpu" and not any(type(p).__name__ == "DTensor" for p in params):
         kwargs["fused"] = True
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, **kwargs)
 
