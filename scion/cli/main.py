@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tokenizer": ("scion.cli.tokenizer", "train a byte-level BPE tokenizer: scion tokenizer train ..."),
     "prepare": ("scion.cli.prepare", "tokenize text/JSONL/Parquet into packed token shards"),
     "generate": ("scion.cli.generate", "sample a continuation from a trained run"),
+    "verify": ("scion.cli.verify", "check every checkpoint of a run (checksums, completeness, contents)"),
 }
 
 
