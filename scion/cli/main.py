@@ -41,8 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
     try:
-        module = importlib.import_module(COMMANDS[name][0])
-        return int(module.main(rest) or 0)
+        return _run(name, rest)
     except ScionError as e:
         if debug:
             traceback.print_exc()
@@ -64,6 +63,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {type(e).__name__}: {first} (run again with --debug for the traceback)",
                   file=sys.stderr)
         return 1
+
+
+def _run(name: str, rest: list[str]) -> int:
+    try:
+        module = importlib.import_module(COMMANDS[name][0])
+        return int(module.main(rest) or 0)
+    except BaseException:
+        # A progress bar left open would swallow the start of the error line.
+        tqdm = sys.modules.get("tqdm")
+        for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+            bar.close()
+        raise
 
 
 if __name__ == "__main__":
