@@ -315,7 +315,7 @@ class Trainer:
                     window_start = time.perf_counter()  # saving is not training time
                 if self.stop_reason:
                     break
-                if self.time_limit and time.time() - started >= self.time_limit:
+                if self.time_limit and time.time() - started >= self.time_limit and step < t.max_steps:
                     self.stop_reason = f"time limit {t.time_limit}"
                     self.log(f"{self.stop_reason} reached: saving a checkpoint and stopping")
                     self.save()
