@@ -110,7 +110,8 @@ class TrainConfig:
     max_bad_steps: int = 5  # this many skipped (non-finite) steps in a row stop the run; 0: never
     loss_spike_sigma: float = 0.0  # a loss this many std above the recent mean stops the run; 0: off
     loss_spike_window: int = 100  # steps in the recent-loss window of the spike guard
-    on_divergence: Literal["stop", "rollback"] = "stop"  # rollback: reload the last good checkpoint, skip on
+    # what a guard's stop does; rollback: reload the last good checkpoint and skip the data since
+    on_divergence: Literal["stop", "rollback"] = "stop"
 
     def validate(self, model: ModelConfig) -> None:
         for name in ["max_steps", "micro_batch_size", "log_every", "eval_every", "sample_every",
