@@ -181,8 +181,8 @@ def verify_checkpoint(path: str | Path) -> str | None:
         return "incomplete (no checksums.json)"
     except (json.JSONDecodeError, UnicodeDecodeError):
         return "checksums.json is corrupted"
-    if not isinstance(sums, dict) or "model.safetensors" not in sums:
-        return "checksums.json does not list the weights"
+    if not isinstance(sums, dict) or not ({"model.safetensors", ".metadata"} & set(sums)):
+        return "checksums.json does not list the weights"  # (a sharded checkpoint lists .metadata)
     for name, digest in sums.items():
         f = path / name
         if not f.resolve().is_relative_to(path.resolve()):

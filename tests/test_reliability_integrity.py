@@ -89,6 +89,28 @@ def test_retention_never_deletes_the_last_good_checkpoint(tmp_path):
     assert ckpt.find_resumable(tmp_path, warn=lambda m: None).path == good
 
 
+def test_retention_keeps_milestones_and_the_newest_regular_checkpoints(tmp_path):
+    for step in range(1, 7):
+        ckpt.save_checkpoint(tmp_path, step, step * 1000, {"w": torch.zeros(2)}, None, {},
+                             milestone=step % 3 == 0)
+        ckpt.prune(tmp_path, keep_last=2)
+    names = [r.path.name for r in ckpt.list_checkpoints(tmp_path)]
+    assert names == ["step-00000003-3K-tokens", "step-00000004", "step-00000005", "step-00000006-6K-tokens"]
+
+
+def test_metrics_are_cut_back_to_the_checkpoint_on_resume(tmp_path):
+    from scion.train.loop import MetricsLog
+
+    log = MetricsLog(tmp_path, enabled=True)
+    for step in range(1, 6):
+        log.write({"step": step, "loss": 1.0 / step})
+    with open(tmp_path / "metrics.jsonl", "a") as fh:
+        fh.write('{"step": 6, "lo')  # the line a kill cut short
+    log.truncate_after(3)
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3]
+
+
 def test_prune_cleans_up_after_a_killed_save(tmp_path):
     save_tiny(tmp_path, 1)
     root = tmp_path / "checkpoints"
