@@ -1,16 +1,17 @@
 """One writer per run directory.
 
-`hold(run_dir)` takes an exclusive `fcntl.flock` on RUN_DIR/.scion.lock and keeps it until the
-process exits. The kernel drops the lock when its holder dies, however it dies, so a lock
-file left by a killed trainer is stale by construction: the next trainer takes it over and
-says so. The file records who holds it (pid, host, start time) for the message a second
-trainer gets. flock is reliable on local file systems and on NFSv4 and Lustre mounts that
-support it; on a file system that does not, `hold` says so instead of silently running
-unprotected.
+`hold(run_dir)` takes an exclusive `fcntl.flock` on RUN_DIR/.scion.lock and keeps it until
+`release` or the end of the process. The kernel drops the lock when its holder dies, however
+it dies, so a lock left by a killed trainer is stale by construction: the next trainer takes
+it over and says so. The file records who holds it (pid, host, start time) for the message a
+second trainer gets; a clean exit empties it. flock is reliable on local file systems and on
+NFSv4 and Lustre mounts that support it; on a file system that refuses it, `hold` says so
+instead of silently running unprotected.
 """
 
 from __future__ import annotations
 
+import atexit
 import errno
 import fcntl
 import json
@@ -67,6 +68,12 @@ def hold(run_dir: str | Path, log=None) -> None:
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps(info).encode(), 0)
     _held[key] = fd
+
+
+@atexit.register
+def _release_all() -> None:
+    for run_dir in list(_held):
+        release(run_dir)
 
 
 def release(run_dir: str | Path) -> None:

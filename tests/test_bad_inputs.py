@@ -120,7 +120,7 @@ CASES = {
     "binary corpus": (
         lambda c, t: ["prepare", "--data", text_corpus(t, "a.txt", b"\x00\x01\x02" * 100),
                       "--tokenizer", c["tok"], "--out", t / "o"],
-        "no readable text found (1 skipped: "),
+        "no readable text found (1 skipped; "),
     "invalid UTF-8": (
         lambda c, t: ["prepare", "--data", text_corpus(t, "a.txt", "caf\u00e9 ".encode("latin-1") * 50),
                       "--tokenizer", c["tok"], "--out", t / "o", "--bad-files", "error"],
