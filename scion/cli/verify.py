@@ -27,11 +27,12 @@ def check_checkpoint(folder: Path, model_config: dict | None) -> str | None:
     problem = ckpt.verify_checkpoint(folder)
     if problem:
         return problem
-    try:
-        with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
-            f.keys()
-    except Exception as e:  # safetensors raises its own error types for a bad header
-        return f"model.safetensors is unreadable ({e})"
+    if (folder / "model.safetensors").exists():  # a sharded checkpoint has .metadata instead
+        try:
+            with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+                f.keys()
+        except Exception as e:  # safetensors raises its own error types for a bad header
+            return f"model.safetensors is unreadable ({e})"
     if (folder / "trainer.json").is_file():
         try:
             state = json.loads((folder / "trainer.json").read_text())
