@@ -157,3 +157,18 @@ def test_manifest_bins_cannot_escape_the_data_folder(tmp_path, name):
     (tmp_path / "manifest.json").write_text(json.dumps({"format": "scion-tokens/1", "bins": {name: 10}}))
     with pytest.raises(ScionError, match="points outside the data folder; refusing it"):
         read_manifest(tmp_path)
+
+
+def test_verify_checks_a_sharded_checkpoint_and_refuses_its_hostile_metadata(tmp_path, capsys):
+    folder = tmp_path / "checkpoints" / "step-00000001"
+    save_dcp(folder)
+    rewrite_checksums(folder)
+    assert main(["verify", str(folder)]) == 0
+    assert "ok     step-00000001" in capsys.readouterr().out
+    marker = tmp_path / "pwned"
+    (folder / ".metadata").write_bytes(pickle.dumps(Payload(marker)))
+    rewrite_checksums(folder)  # the checksums match: only the content check can catch it
+    assert main(["verify", str(folder)]) == 1
+    out = capsys.readouterr().out
+    assert "BROKEN step-00000001: refused to load (io.open is not a checkpoint metadata class)" in out
+    assert not marker.exists()
