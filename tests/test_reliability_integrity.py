@@ -20,6 +20,7 @@ from conftest import scion_env
 from safetensors.torch import load_file
 
 from scion import checkpoint as ckpt
+from scion.cli.main import main
 from scion.errors import ScionError
 
 
@@ -152,36 +153,37 @@ def test_a_failed_save_keeps_the_previous_checkpoint_and_tells_the_user(tmp_path
     assert [r.path for r in ckpt.list_checkpoints(tmp_path)] == [previous]
 
 
-def test_resume_reports_a_corrupted_latest_checkpoint_and_continues_exactly(tiny_run, tmp_path, run_scion):
+def test_resume_reports_a_corrupted_latest_checkpoint_and_continues_exactly(tiny_run, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
     latest = run / "checkpoints" / "step-00000008"
     want = load_file(latest / "model.safetensors")
     corrupt(latest / "optimizer.pt", "flip")
 
-    verify = run_scion("verify", run, check=False)
-    assert verify.returncode == 1
-    assert "BROKEN step-00000008: optimizer.pt does not match its checksum" in verify.stdout
-    assert "1 good, 1 broken; --resume continues from step-00000004" in verify.stdout
+    assert main(["verify", str(run)]) == 1
+    out = capsys.readouterr().out
+    assert "BROKEN step-00000008: optimizer.pt does not match its checksum" in out
+    assert "1 good, 1 broken; --resume continues from step-00000004" in out
 
-    proc = run_scion("pretrain", "--resume", run)
-    assert f"warning: skipping checkpoint {latest}: optimizer.pt does not match its checksum" in proc.stderr
-    assert "resuming" in proc.stderr and "from step-00000004 (step 4" in proc.stderr
+    assert main(["pretrain", "--resume", str(run)]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: skipping checkpoint {latest}: optimizer.pt does not match its checksum" in err
+    assert "resuming" in err and "from step-00000004 (step 4" in err
     got = load_file(latest / "model.safetensors")
     assert all(torch.equal(got[k], want[k]) for k in want)  # retrained steps 5..8, bit for bit
-    summary = run_scion("verify", run).stdout.strip().splitlines()[-1]
-    assert summary == "2 good, 0 broken; --resume continues from step-00000008"
+    assert main(["verify", str(run)]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == "2 good, 0 broken; --resume continues from step-00000008"
 
 
-def test_verify_reports_an_interrupted_save_and_incomplete_folders(tiny_run, tmp_path, run_scion):
+def test_verify_reports_an_interrupted_save_and_incomplete_folders(tiny_run, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
     (run / "checkpoints" / "step-00000008" / "checksums.json").unlink()  # as if copied half-way
     (run / "checkpoints" / ".tmp-step-00000012-999999").mkdir()
-    proc = run_scion("verify", run, check=False)
-    assert proc.returncode == 1
-    assert "BROKEN step-00000008: incomplete (no checksums.json)" in proc.stdout
-    assert ".tmp-step-00000012-999999: left by an interrupted save" in proc.stdout
+    assert main(["verify", str(run)]) == 1
+    out = capsys.readouterr().out
+    assert "BROKEN step-00000008: incomplete (no checksums.json)" in out
+    assert ".tmp-step-00000012-999999: left by an interrupted save" in out
 
 
 def test_a_real_write_failure_mid_save_keeps_earlier_checkpoints(tiny_run, tmp_path, cache_dir):
