@@ -195,13 +195,25 @@ def verify_checkpoint(path: str | Path) -> str | None:
 
 
 def find_resumable(run_dir: str | Path, verify: bool = True, warn=print) -> CheckpointRef | None:
-    """The newest checkpoint that verifies; broken newer ones are reported and skipped."""
-    for ref in reversed(list_checkpoints(run_dir)):
+    """The newest checkpoint that verifies; broken or incomplete newer ones are reported and skipped."""
+    refs = list_checkpoints(run_dir)
+    for ref in reversed(refs):
         problem = verify_checkpoint(ref.path) if verify else None
         if problem is None:
+            _report_incomplete(run_dir, after=ref.step, warn=warn)
             return ref
         warn(f"warning: skipping checkpoint {ref.path}: {problem}")
+    _report_incomplete(run_dir, after=-1, warn=warn)
     return None
+
+
+def _report_incomplete(run_dir: str | Path, after: int, warn) -> None:
+    """Checkpoint folders newer than `after` without a completion marker (copied in part, say)."""
+    folder = Path(run_dir) / "checkpoints"
+    for p in sorted(folder.iterdir()) if folder.is_dir() else []:
+        m = NAME.match(p.name)
+        if m and int(m.group(1)) > after and p.is_dir() and not (p / COMPLETE).is_file():
+            warn(f"warning: skipping checkpoint {p}: incomplete (no {COMPLETE})")
 
 
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:

@@ -73,11 +73,14 @@ def test_find_resumable_skips_a_broken_latest_checkpoint_and_says_so(tmp_path):
     good = save_tiny(tmp_path, 2)
     bad = save_tiny(tmp_path, 3)
     corrupt(bad / "model.safetensors", "truncate")
+    incomplete = save_tiny(tmp_path, 4)
+    (incomplete / "checksums.json").unlink()  # say, copied to another machine in part
     warnings = []
     ref = ckpt.find_resumable(tmp_path, warn=warnings.append)
     assert ref.path == good
     assert warnings == [f"warning: skipping checkpoint {bad}: model.safetensors does not match its checksum "
-                        "(truncated or modified)"]
+                        "(truncated or modified)",
+                        f"warning: skipping checkpoint {incomplete}: incomplete (no checksums.json)"]
 
 
 def test_retention_never_deletes_the_last_good_checkpoint(tmp_path):
