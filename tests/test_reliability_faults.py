@@ -67,20 +67,20 @@ def records(run: Path) -> dict[str, list[tuple]]:
     return {"train": train, "val": val, "samples": samples}
 
 
-def final_state(run: Path) -> tuple[dict, dict, dict]:
+def final_state(run: Path, steps: int) -> tuple[dict, dict, dict]:
     ref = ckpt.list_checkpoints(run)[-1]
-    assert ref.step == STEPS
+    assert ref.step == steps
     assert ckpt.verify_checkpoint(ref.path) is None
     trainer = json.loads((ref.path / "trainer.json").read_text())
     return load_file(ref.path / "model.safetensors"), ckpt.load_optimizer_state(ref.path), trainer
 
 
-def assert_same_run(run: Path, reference: Path) -> None:
+def assert_same_run(run: Path, reference: Path, steps: int = STEPS) -> None:
     got, want = records(run), records(reference)
-    assert [r[0] for r in got["train"]] == list(range(1, STEPS + 1)), "a step is missing or repeated"
+    assert [r[0] for r in got["train"]] == list(range(1, steps + 1)), "a step is missing or repeated"
     assert got == want  # losses, gradient norms, LRs, validation losses and samples, exactly
-    weights, opt, trainer = final_state(run)
-    ref_weights, ref_opt, ref_trainer = final_state(reference)
+    weights, opt, trainer = final_state(run, steps)
+    ref_weights, ref_opt, ref_trainer = final_state(reference, steps)
     assert weights.keys() == ref_weights.keys()
     for name in weights:
         assert torch.equal(weights[name], ref_weights[name]), name
@@ -107,11 +107,14 @@ def run_with_faults(out: Path, corpus: Path, cache: Path, plan: list[str], steps
         has_checkpoint = bool(ckpt.list_checkpoints(out)) if out.exists() else False
         args = ["pretrain", "--resume", out] if has_checkpoint else [*fresh, "--overwrite"]
         if fault is not None and fault.startswith("timer:"):
+            # kill -9 from outside, a random moment after this process's first training step
+            metrics = out / "metrics.jsonl"
+            logged = metrics.read_text().count("\n") if metrics.exists() else 0
             proc = launch(args, cache)
-            try:
-                proc.wait(timeout=float(fault.split(":")[1]))
-            except subprocess.TimeoutExpired:
-                proc.send_signal(signal.SIGKILL)
+            while proc.poll() is None and (metrics.read_text().count("\n") if metrics.exists() else 0) <= logged:
+                time.sleep(0.005)
+            time.sleep(float(fault.split(":")[1]))
+            proc.send_signal(signal.SIGKILL)
             code, err = finish(proc)
         else:
             code, err = finish(launch(args, cache, fault))
@@ -134,20 +137,24 @@ def test_kills_mid_step_checkpoint_and_validation_resume_exactly(reference, tmp_
 
 
 @pytest.mark.slow
-def test_many_random_kills_then_resume_is_exact(reference, tmp_path, corpus, cache_dir):
+def test_many_random_kills_then_resume_is_exact(tmp_path, run_scion, corpus, cache_dir):
     rounds = int(os.environ.get("SCION_FAULT_ROUNDS", "12"))
     seed = int(os.environ.get("SCION_FAULT_SEED", "0"))
+    steps = STEPS + 8 * rounds  # room for every planned kill to land before the end
+    reference = tmp_path / "reference"
+    run_scion("pretrain", "--data", corpus, "--out", reference, "--max-steps", steps, *RUN_ARGS)
     rng = random.Random(seed)
     plan = []
     for _ in range(rounds):
         kind = rng.choice(["step", "checkpoint", "validation", "timer"])
-        if kind == "timer":  # kill -9 from outside at a random moment, startup included
-            plan.append(f"timer:{rng.uniform(1.0, 6.0):.2f}")
+        if kind == "timer":  # kill -9 from outside at a random moment of training
+            plan.append(f"timer:{rng.uniform(0.0, 0.3):.3f}")
         else:
-            plan.append(f"{kind}:{rng.randint(1, {'step': STEPS, 'checkpoint': 4, 'validation': 3}[kind])}")
-    history = run_with_faults(tmp_path / "run", corpus, cache_dir, plan)
-    print(f"seed {seed}:", *history, sep="\n  ")
-    assert_same_run(tmp_path / "run", reference)
+            plan.append(f"{kind}:{rng.randint(1, {'step': 6, 'checkpoint': 2, 'validation': 2}[kind])}")
+    history = run_with_faults(tmp_path / "run", corpus, cache_dir, plan, steps)
+    print(f"seed {seed}, {steps} steps:", *history, sep="\n  ")
+    assert_same_run(tmp_path / "run", reference, steps)
+    assert sum(h.endswith("exit -9") for h in history) >= rounds // 2, "most planned kills never landed"
 
 
 def test_sigterm_finishes_the_step_saves_exits_75_and_resumes_exactly(reference, tmp_path, corpus, cache_dir):
