@@ -35,6 +35,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from scion.errors import ScionError
+from scion.faults import fault_point
 
 NAME = re.compile(r"^step-(\d{8})(-.+-tokens)?$")
 COMPLETE = "checksums.json"
@@ -123,12 +124,13 @@ def save_checkpoint(
     try:
         if model_weights is not None:
             save_file(model_weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        fault_point("checkpoint")
         if optimizer_state is not None:
-            torch.save(optimizer_state, tmp / "optimizer.pt")
+            _torch_save(optimizer_state, tmp / "optimizer.pt")
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             rng["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save(rng, tmp / "rng.pt")
+        _torch_save(rng, tmp / "rng.pt")
         (tmp / "trainer.json").write_text(json.dumps({**trainer_state, "step": step, "tokens": tokens}, indent=1))
         for name, src in (extra_files or {}).items():
             dst = tmp / name
@@ -159,9 +161,9 @@ def save_checkpoint(
         _fsync_dir(root)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):
+        if isinstance(e, (OSError, SafetensorError)):
             raise ScionError(
-                f"{final}: could not save the checkpoint ({e.strerror or e}); the previous checkpoints "
+                f"{final}: could not save the checkpoint ({_write_error(e)}); the previous checkpoints "
                 "are untouched. Free disk space or fix permissions, then resume"
             ) from e
         raise
@@ -177,6 +179,20 @@ def staging_folder(run_dir: str | Path, step: int, tokens: int, milestone: bool 
         shutil.rmtree(tmp)
     tmp.mkdir()
     return tmp
+
+
+def _torch_save(obj, path: Path) -> None:
+    # Through a Python file object, so a failed write raises OSError naming the cause
+    # (torch's own file writer reports it as an opaque RuntimeError).
+    with open(path, "wb") as fh:
+        torch.save(obj, fh)
+
+
+def _write_error(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return re.sub(r" \(os error \d+\)$", "", text.split("I/O error: ")[-1])
 
 
 def verify_checkpoint(path: str | Path) -> str | None:
@@ -202,13 +218,25 @@ def verify_checkpoint(path: str | Path) -> str | None:
 
 
 def find_resumable(run_dir: str | Path, verify: bool = True, warn=print) -> CheckpointRef | None:
-    """The newest checkpoint that verifies; broken newer ones are reported and skipped."""
-    for ref in reversed(list_checkpoints(run_dir)):
+    """The newest checkpoint that verifies; broken or incomplete newer ones are reported and skipped."""
+    refs = list_checkpoints(run_dir)
+    for ref in reversed(refs):
         problem = verify_checkpoint(ref.path) if verify else None
         if problem is None:
+            _report_incomplete(run_dir, after=ref.step, warn=warn)
             return ref
         warn(f"warning: skipping checkpoint {ref.path}: {problem}")
+    _report_incomplete(run_dir, after=-1, warn=warn)
     return None
+
+
+def _report_incomplete(run_dir: str | Path, after: int, warn) -> None:
+    """Checkpoint folders newer than `after` without a completion marker (copied in part, say)."""
+    folder = Path(run_dir) / "checkpoints"
+    for p in sorted(folder.iterdir()) if folder.is_dir() else []:
+        m = NAME.match(p.name)
+        if m and int(m.group(1)) > after and p.is_dir() and not (p / COMPLETE).is_file():
+            warn(f"warning: skipping checkpoint {p}: incomplete (no {COMPLETE})")
 
 
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
@@ -283,16 +311,26 @@ def safe_torch_load(f: Path):
         raise ScionError(f"{f}: refused to load ({reason}); only plain tensor files are accepted") from e
 
 
-def prune(run_dir: str | Path, keep_last: int) -> None:
+def prune(run_dir: str | Path, keep_last: int, last_good: Path | None = None) -> None:
     """Delete old regular checkpoints beyond the newest `keep_last`; milestones stay forever,
-    and the newest checkpoint that verifies is never deleted."""
+    and the newest checkpoint that verifies is never deleted. `last_good` names it when the
+    caller knows (the checkpoint it just wrote); otherwise it is found by verifying."""
+    if last_good is None:
+        good = find_resumable(run_dir, warn=lambda msg: None)
+        last_good = good.path if good else None
+    protected = Path(last_good).resolve() if last_good else None
     refs = [r for r in list_checkpoints(run_dir) if not r.milestone]
     for ref in refs[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(ref.path, ignore_errors=True)
+        if ref.path.resolve() != protected:
+            shutil.rmtree(ref.path, ignore_errors=True)
     root = Path(run_dir) / "checkpoints"
-    for stale in root.glob(".tmp-*"):  # left by a crash mid-save
-        pid = stale.name.rsplit("-", 1)[-1]
-        if not pid.isdigit() or not _alive(int(pid)):
+    for stale in [*root.glob(".tmp-*"), *root.glob(".old-*")]:  # left by a crash mid-save
+        name, _, pid = stale.name.partition("-")[2].rpartition("-")
+        if pid.isdigit() and _alive(int(pid)):
+            continue
+        if stale.name.startswith(".old-") and not (root / name).exists():
+            os.replace(stale, root / name)  # killed between the two renames of a re-save
+        else:
             shutil.rmtree(stale, ignore_errors=True)
 
 

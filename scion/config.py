@@ -4,6 +4,7 @@ and YAML round-tripping. Nothing here knows about torch modules or files beyond 
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -111,14 +112,21 @@ class TrainConfig:
     eval_tasks_every: int = 0  # steps between those runs; 0: never
     eval_tasks_limit: int | None = None  # documents per task (None: all); keep it small
     eval_tasks_include: str | None = None  # a folder of task YAML files of your own
+    # Reliability (see docs/guarantees.md)
+    time_limit: str | None = None  # wall-clock budget like "3h50m", "90m" or seconds: stop, save, exit 75
+    max_bad_steps: int = 5  # this many skipped (non-finite) steps in a row stop the run; 0: never
+    loss_spike_sigma: float = 0.0  # a loss this many std above the recent mean stops the run; 0: off
+    loss_spike_window: int = 100  # steps in the recent-loss window of the spike guard
+    # what a guard's stop does; rollback: reload the last good checkpoint and skip the data since
+    on_divergence: Literal["stop", "rollback"] = "stop"
 
     def validate(self, model: ModelConfig) -> None:
         for name in ["max_steps", "micro_batch_size", "log_every", "eval_every", "sample_every",
-                     "checkpoint_every", "keep_last"]:
+                     "checkpoint_every", "keep_last", "loss_spike_window"]:
             if getattr(self, name) <= 0:
                 raise ScionError(f"train.{name} must be positive, got {getattr(self, name)}")
         for name in ["lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip", "milestone_every",
-                     "eval_batches", "sample_tokens", "eval_tasks_every"]:
+                     "eval_batches", "sample_tokens", "eval_tasks_every", "max_bad_steps", "loss_spike_sigma"]:
             if getattr(self, name) < 0:
                 raise ScionError(f"train.{name} must not be negative, got {getattr(self, name)}")
         if self.eval_tasks_limit is not None and self.eval_tasks_limit <= 0:
@@ -131,8 +139,39 @@ class TrainConfig:
                 f"max_seq_len ({model.max_seq_len}); raise --model.max-seq-len or lower --seq-len"
             )
 
+        parse_duration(self.time_limit)
+
     def sequence_length(self, model: ModelConfig) -> int:
         return self.seq_len or model.max_seq_len
+
+
+_DURATION = re.compile("^" + "".join(rf"(?:(\d+(?:\.\d+)?){unit})?" for unit in "dhms") + "$")
+
+
+def parse_duration(text: str | float | int | None) -> float | None:
+    """Seconds in "3h50m", "90m", "1d2h", "45s", "3600" or "1:30:00" (h:m:s); None stays None."""
+    if text is None or text == "":
+        return None
+    if isinstance(text, (int, float)):
+        seconds = float(text)
+    else:
+        raw = text.strip().lower().replace(" ", "")
+        if ":" in raw:
+            parts = raw.split(":")
+            if len(parts) > 3 or not all(p.replace(".", "", 1).isdigit() for p in parts):
+                raise ScionError(f"train.time_limit {text!r}: expected h:m:s, like 3:50:00")
+            seconds = sum(float(p) * 60**i for i, p in enumerate(reversed(parts)))
+        elif raw.replace(".", "", 1).isdigit():
+            seconds = float(raw)
+        else:
+            m = _DURATION.match(raw)
+            if not m or not any(m.groups()):
+                raise ScionError(f"train.time_limit {text!r}: expected seconds or a duration like 3h50m")
+            d, h, mi, s = (float(g or 0) for g in m.groups())
+            seconds = ((d * 24 + h) * 60 + mi) * 60 + s
+    if seconds <= 0:
+        raise ScionError(f"train.time_limit {text!r} must be positive")
+    return seconds
 
 
 @dataclass

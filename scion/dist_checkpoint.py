@@ -179,11 +179,11 @@ def save_sharded(folder: Path, model: nn.Module, optimizer=None) -> None:
 
 
 def open_reader(folder: Path):
-    """The DCP storage reader for a checkpoint's shards. FileSystemReader reads the `.metadata`
-    index with pickle; a reader with a restricted unpickler plugs in here."""
-    from torch.distributed.checkpoint import FileSystemReader
+    """The DCP storage reader for a checkpoint's shards. DCP's own FileSystemReader unpickles the
+    `.metadata` index freely; this one admits only DCP's metadata classes (scion.safe_dcp)."""
+    from scion.safe_dcp import SafeFileSystemReader
 
-    return FileSystemReader(folder / DCP_DIR)
+    return SafeFileSystemReader(folder / DCP_DIR)
 
 
 def load_sharded(folder: str | Path, model: nn.Module, optimizer=None, *, weights: bool = True) -> None:

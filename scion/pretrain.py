@@ -15,6 +15,7 @@ from scion.config import RunConfig, save_yaml
 from scion.data.dataset import Sampler, TokenSplit, eval_batches
 from scion.data.sources import resolve_datasets
 from scion.errors import ScionError
+from scion.lock import hold, release
 from scion.model import Transformer
 from scion.parallel import init_distributed, parallelize, state_io
 from scion.run import check_new_run_dir, prepare_run_dir, write_data_record
@@ -141,12 +142,15 @@ def pretrain(cfg: RunConfig, out: Path | None, resume: bool, overwrite: bool = F
         check_new_run_dir(out, overwrite)
     env = setup(cfg)
     tokenizer, folders = load_data(cfg, env.world)
+    batches, val = data_streams(cfg, folders)  # before the run directory: bad data leaves no run behind
     if resume:
         run_dir = out
+        if env.world.main:
+            hold(run_dir, log)  # one writer per run: refuses while another trainer writes to it
     else:
         run_dir = start_run(cfg, out, overwrite, tokenizer, folders, env.world)
-    batches, val = data_streams(cfg, folders)
     model = build_model(cfg, env.device)
     trainer = train(cfg, run_dir, model, tokenizer, batches, val, env, resume=resume,
                     reset_optimizer=reset_optimizer, progress=progress)
+    release(run_dir)
     return run_dir, trainer.state, trainer

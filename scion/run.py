@@ -22,6 +22,7 @@ import torch
 from scion import checkpoint as ckpt
 from scion.config import RunConfig, load_yaml
 from scion.errors import ScionError
+from scion.lock import LOCK_NAME, hold
 from scion.model import Transformer
 from scion.tokenizer import Tokenizer, load_tokenizer
 
@@ -38,7 +39,7 @@ def check_new_run_dir(path: str | Path, overwrite: bool) -> None:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ScionError(f"{path}: exists and is not a folder; choose another --out")
-    if path.exists() and any(path.iterdir()):
+    if path.exists() and any(p.name != LOCK_NAME for p in path.iterdir()):
         if not overwrite:
             hint = "--resume to continue it" if is_run(path) else "another --out"
             raise ScionError(f"{path}: already exists and is not empty; use {hint}, or --overwrite to replace it")
@@ -51,6 +52,7 @@ def prepare_run_dir(path: str | Path, overwrite: bool) -> Path:
     path = Path(path)
     check_new_run_dir(path, overwrite)
     if path.exists():
+        hold(path)  # never delete a run another trainer is writing
         for name in RUN_FILES:
             target = path / name
             if target.is_dir():
@@ -64,6 +66,7 @@ def prepare_run_dir(path: str | Path, overwrite: bool) -> Path:
         probe.unlink()
     except OSError as e:
         raise ScionError(f"{path}: cannot write here ({e.strerror}); choose a writable --out") from e
+    hold(path)
     return path
 
 

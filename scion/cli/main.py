@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "import": ("scion.cli.import_", "turn a Hugging Face Llama or GPT-2 model into a scion run"),
     "export": ("scion.cli.export", "write a run as a Hugging Face model folder (safetensors + tokenizer)"),
     "eval": ("scion.cli.eval", "benchmark tasks (lm-eval) or loss, perplexity and bits per byte"),
+    "verify": ("scion.cli.verify", "check every checkpoint of a run (checksums, completeness, contents)"),
 }
 
 
@@ -51,8 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
     try:
-        module = importlib.import_module(COMMANDS[name][0])
-        return int(module.main(rest) or 0)
+        return _run(name, rest)
     except ScionError as e:
         if debug:
             traceback.print_exc()
@@ -74,6 +74,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {type(e).__name__}: {first} (run again with --debug for the traceback)",
                   file=sys.stderr)
         return 1
+
+
+def _run(name: str, rest: list[str]) -> int:
+    try:
+        module = importlib.import_module(COMMANDS[name][0])
+        return int(module.main(rest) or 0)
+    except BaseException:
+        # A progress bar left open would swallow the start of the error line.
+        tqdm = sys.modules.get("tqdm")
+        for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+            bar.close()
+        raise
 
 
 if __name__ == "__main__":

@@ -44,10 +44,14 @@ def main(argv: list[str]) -> int:
         base = load_config(pre.resume)
     args, cfg = parse_config(p, argv, base=base)
 
+    from scion.checkpoint import list_checkpoints
     from scion.pretrain import pretrain  # torch is imported only once the arguments are valid
 
     if args.resume:
         out = Path(args.resume)
+        if not list_checkpoints(out):
+            raise ScionError(f"{out}: the run has no complete checkpoint to resume from; "
+                             f"start it again with --out {out} --overwrite")
     else:
         out = Path(args.out) if args.out else default_out(cfg.model.name)
     progress = {"auto": None, "bar": True, "lines": False}[args.progress]

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -116,8 +117,18 @@ class _BinWriter:
 
 
 def prepare(paths: list[str], tokenizer: Tokenizer, out: str | Path, opts: PrepareOptions) -> dict:
-    """Tokenize the corpus under `paths` into `out`. Returns the manifest."""
-    out = Path(out)
+    """Tokenize the corpus under `paths` into `out`. Returns the manifest. A failure leaves
+    no half-written dataset behind in a folder this call created."""
+    created = not Path(out).exists()
+    try:
+        return _prepare(paths, tokenizer, Path(out), opts)
+    except BaseException:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _prepare(paths: list[str], tokenizer: Tokenizer, out: Path, opts: PrepareOptions) -> dict:
     files = expand_paths(paths)
     worker, workers = opts.shard
     if not 0 <= worker < workers:

@@ -30,13 +30,17 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from scion import checkpoint as ckpt
-from scion.config import RunConfig
+from scion.config import RunConfig, parse_duration
 from scion.dist_checkpoint import FullStateIO
 from scion.errors import ScionError
+from scion.faults import fault_point
 from scion.generate import generate
 from scion.model import Transformer, flops_per_token
 from scion.train.device import autocast, peak_flops
+from scion.train.guards import UPDATE, Divergence, Guards
 from scion.train.optim import build_optimizer, lr_at
+
+MAX_ROLLBACKS = 5  # train.on_divergence = rollback: give up after this many in one process
 
 Batch = Any  # a tuple (inputs, targets) for language modelling, or whatever the loss expects
 LossFn = Callable[[torch.nn.Module, Batch], torch.Tensor]
@@ -170,6 +174,9 @@ class Trainer:
             from scion.evaluate.harness import TrainingTasks
 
             self.task_eval = TrainingTasks(self.tcfg, tokenizer, self.device, precision)
+        self.guards = Guards.from_config(self.tcfg)
+        self.time_limit = parse_duration(self.tcfg.time_limit)
+        self.rollbacks = 0
 
     # ---- geometry --------------------------------------------------------------------------
     def _batch_geometry(self, tokens: int | None = None) -> tuple[int, int]:
@@ -192,12 +199,17 @@ class Trainer:
     def trainer_state(self) -> dict:
         return {
             **asdict(self.state),
-            "samples": self.state.step * self.global_batch,
+            "samples": self._data_step() * self.global_batch,
             "seq_len": self.seq_len,
             "global_batch": self.global_batch,
             "world_size": self.world.size,
             "model": asdict(self.cfg.model),
+            "guards": self.guards.state_dict(),
         }
+
+    def _data_step(self) -> int:
+        """The step whose batch comes next: ahead of the step after a rollback skipped data."""
+        return self.state.step + self.state.extra.get("skipped_data_steps", 0)
 
     def save(self, milestone: bool = False) -> Path | None:
         path = self.state_io.save(
@@ -206,7 +218,7 @@ class Trainer:
             extra_files=self.extra_checkpoint_files,
         )
         if self.world.main:
-            ckpt.prune(self.run_dir, self.tcfg.keep_last)
+            ckpt.prune(self.run_dir, self.tcfg.keep_last, last_good=path)
         if self.world.size > 1:
             dist.barrier()
         return path
@@ -236,6 +248,7 @@ class Trainer:
         ckpt.load_rng(ref.path)
         known = {k: saved[k] for k in ("step", "tokens", "skipped_steps", "best_val_loss", "extra") if k in saved}
         self.state = TrainState(**known)
+        self.guards.load_state_dict(saved.get("guards", {}))
         self.metrics.truncate_after(self.state.step)
         if saved.get("world_size", 1) != self.world.size:
             self.log(f"resuming a run saved on {saved.get('world_size')} ranks on {self.world.size}: "
@@ -279,7 +292,16 @@ class Trainer:
         window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
         try:
             while self.state.step < t.max_steps:
-                loss, grad_norm = self._step()
+                try:
+                    loss, grad_norm = self._step()
+                except Divergence as e:
+                    self._roll_back(e)  # or stop: raises
+                    bar.n = self.state.step
+                    window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
+                    continue
+                if self.time_limit and time.time() - started >= self.time_limit and not self.stop_reason:
+                    self.stop_reason = f"time limit {t.time_limit}"
+                    self.log(f"{self.stop_reason} reached: saving a checkpoint and stopping")
                 if self.world.size > 1:
                     self._agree_to_stop()
                 window_loss += loss
@@ -328,13 +350,32 @@ class Trainer:
                 signal.signal(sig, previous)
         return self.state
 
+    def _roll_back(self, e: Divergence) -> None:
+        """Reload the last good checkpoint and skip the data between it and the bad step
+        (train.on_divergence = rollback), or stop with a message naming both."""
+        ref = ckpt.find_resumable(self.run_dir, warn=self.log)
+        where = f"the last good checkpoint is {ref.path}" if ref else "there is no good checkpoint yet"
+        if self.tcfg.on_divergence != "rollback" or ref is None or self.rollbacks >= MAX_ROLLBACKS:
+            tried = f" after {self.rollbacks} rollbacks" if self.rollbacks else ""
+            hint = "lower --lr or raise --warmup-steps"
+            if ref:
+                hint += f" or set --on-divergence rollback, and run scion pretrain --resume {self.run_dir}"
+            raise Divergence(e.step, f"{e.reason}; stopped{tried} before the update; {where}; {hint}")
+        skipped = self.state.extra.get("skipped_data_steps", 0) + (e.step - ref.step)
+        self.rollbacks += 1
+        self.resume(ref)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.extra["skipped_data_steps"] = skipped
+        self.log(f"step {e.step}: {e.reason}; rolled back to {ref.path.name} and skipping the data of "
+                 f"steps {ref.step + 1}..{e.step} (rollback {self.rollbacks} of at most {MAX_ROLLBACKS})")
+
     def _step(self) -> tuple[float, float]:
         t, model = self.tcfg, self.train_model
         lr = lr_at(self.state.step, t)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         per_rank = self.global_batch // self.world.size
-        base = self.state.step * self.global_batch + self.world.rank * per_rank
+        base = self._data_step() * self.global_batch + self.world.rank * per_rank
         total = torch.zeros((), device=self.device)
         for micro in range(self.accum):
             batch = self.batches.batch(base + micro * t.micro_batch_size, t.micro_batch_size)
@@ -356,7 +397,8 @@ class Trainer:
         if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
             grad_norm = grad_norm.full_tensor()
         loss_value, norm_value = mean_loss.item(), grad_norm.item()
-        if math.isfinite(loss_value) and math.isfinite(norm_value):
+        fault_point("step")
+        if self.guards.check(self.state.step + 1, loss_value, norm_value) == UPDATE:
             self.optimizer.step()
         else:
             self.state.skipped_steps += 1
@@ -384,6 +426,7 @@ class Trainer:
                 loss = self.loss_fn(model, batch)
             total[0] += weight * loss.double()
             total[1] += weight
+            fault_point("validation")
         if self.world.size > 1:
             dist.all_reduce(total)
         model.train()
