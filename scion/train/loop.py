@@ -20,7 +20,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterable
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -290,6 +290,18 @@ class Trainer:
         interactive = not bar.disable
         started = time.time()
         window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
+        window_paused = 0.0
+
+        @contextmanager
+        def paused():
+            # Evaluation, sampling and saving are not training time: leave them out of tokens/s.
+            nonlocal window_paused
+            start = time.perf_counter()
+            try:
+                yield
+            finally:
+                window_paused += time.perf_counter() - start
+
         try:
             while self.state.step < t.max_steps:
                 try:
@@ -298,6 +310,7 @@ class Trainer:
                     self._roll_back(e)  # or stop: raises
                     bar.n = self.state.step
                     window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
+                    window_paused = 0.0
                     continue
                 if self.time_limit and time.time() - started >= self.time_limit and not self.stop_reason:
                     self.stop_reason = f"time limit {t.time_limit}"
@@ -311,7 +324,7 @@ class Trainer:
                 bar.update(1)
 
                 if step % t.log_every == 0 or step == t.max_steps:
-                    elapsed = time.perf_counter() - window_start
+                    elapsed = time.perf_counter() - window_start - window_paused
                     tps = window_tokens / elapsed
                     record = {
                         "step": step, "tokens": self.state.tokens, "loss": window_loss / window_steps,
@@ -326,22 +339,23 @@ class Trainer:
                     if not interactive:
                         self.log(_format_record(record, t.max_steps))
                     window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
+                    window_paused = 0.0
 
                 final = step == t.max_steps
                 if self.val_batches is not None and (step % t.eval_every == 0 or final):
-                    self.evaluate(bar)
-                    window_start = time.perf_counter()  # evaluation is not training time
+                    with paused():
+                        self.evaluate(bar)
                 if self.task_eval is not None and (step % t.eval_tasks_every == 0 or final):
-                    scores = self.task_eval(self.model)
+                    with paused():
+                        scores = self.task_eval(self.model)
                     self.metrics.write({"step": step, "tokens": self.state.tokens, **scores})
-                    window_start = time.perf_counter()  # benchmark time is not training time
                 if self.tokenizer is not None and t.sample_prompts and (step % t.sample_every == 0 or final):
-                    self.sample(bar)
-                    window_start = time.perf_counter()
+                    with paused():
+                        self.sample(bar)
                 milestone = t.milestone_every > 0 and step % t.milestone_every == 0
                 if step % t.checkpoint_every == 0 or final or milestone or self.stop_reason:
-                    self.save(milestone=milestone)
-                    window_start = time.perf_counter()  # saving is not training time
+                    with paused():
+                        self.save(milestone=milestone)
                 if self.stop_reason:
                     break
         finally:
