@@ -161,12 +161,12 @@ def test_manifest_bins_cannot_escape_the_data_folder(tmp_path, name):
 
 def test_verify_checks_a_sharded_checkpoint_and_refuses_its_hostile_metadata(tmp_path, capsys):
     folder = tmp_path / "checkpoints" / "step-00000001"
-    save_dcp(folder)
+    save_dcp(folder / "dcp")  # the layout of an FSDP checkpoint's shards
     rewrite_checksums(folder)
     assert main(["verify", str(folder)]) == 0
     assert "ok     step-00000001" in capsys.readouterr().out
     marker = tmp_path / "pwned"
-    (folder / ".metadata").write_bytes(pickle.dumps(Payload(marker)))
+    (folder / "dcp" / ".metadata").write_bytes(pickle.dumps(Payload(marker)))
     rewrite_checksums(folder)  # the checksums match: only the content check can catch it
     assert main(["verify", str(folder)]) == 1
     out = capsys.readouterr().out

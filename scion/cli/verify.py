@@ -27,7 +27,7 @@ def check_checkpoint(folder: Path, model_config: dict | None) -> str | None:
     problem = ckpt.verify_checkpoint(folder)
     if problem:
         return problem
-    if (folder / "model.safetensors").exists():  # a sharded checkpoint has .metadata instead
+    if (folder / "model.safetensors").exists():  # a sharded one may have only dcp/
         try:
             with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
                 f.keys()
@@ -40,11 +40,11 @@ def check_checkpoint(folder: Path, model_config: dict | None) -> str | None:
             return "trainer.json is not valid JSON"
         if model_config is not None and state.get("model") not in (None, model_config):
             return "saved for another model architecture than the run's config.yaml"
-    if (folder / ".metadata").is_file():
+    if (folder / "dcp" / ".metadata").is_file():  # the shards of an FSDP checkpoint
         from scion.safe_dcp import load_metadata
 
         try:
-            load_metadata(folder / ".metadata")
+            load_metadata(folder / "dcp" / ".metadata")
         except ScionError as e:
             return str(e).split(": ", 1)[-1]
     return None
