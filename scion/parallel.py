@@ -125,7 +125,3 @@ def shutdown() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-
-
-def local_device_count() -> int:
-    return int(os.environ.get("LOCAL_WORLD_SIZE", 1))

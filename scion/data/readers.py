@@ -56,7 +56,6 @@ def _is_corpus_file(f: Path) -> bool:
 class ReadStats:
     files: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, reason)
-    bad_records: int = 0
 
 
 class BadFile(Exception):
