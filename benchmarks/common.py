@@ -10,44 +10,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from scion.config import ModelConfig  # noqa: E402
+from scion.interop.llama import LlamaAdapter  # noqa: E402
 
 
 def hf_llama(m: ModelConfig, scion_model: torch.nn.Module | None = None):
     """A transformers LlamaForCausalLM with the same configuration (SDPA attention), holding
-    `scion_model`'s weights when given (the parameter names map one to one)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    `scion_model`'s weights when given. The config and the name mapping are scion's export path."""
+    from transformers import LlamaForCausalLM
 
-    cfg = LlamaConfig(
-        vocab_size=m.vocab_size,
-        hidden_size=m.d_model,
-        intermediate_size=m.ffn_hidden,
-        num_hidden_layers=m.n_layer,
-        num_attention_heads=m.n_head,
-        num_key_value_heads=m.kv_heads,
-        head_dim=m.dim_per_head,
-        max_position_embeddings=m.max_seq_len,
-        rms_norm_eps=m.norm_eps,
-        rope_theta=m.rope_theta,
-        tie_word_embeddings=m.tie_embeddings,
-        attention_bias=False,
-        mlp_bias=False,
-    )
+    adapter = LlamaAdapter()
+    cfg, _ = adapter.hf_config(m, bos_id=None, eos_id=None)
     cfg._attn_implementation = "sdpa"
     model = LlamaForCausalLM(cfg)
     if scion_model is not None:
-        sd = {}
-        for name, tensor in scion_model.state_dict().items():
-            name = (
-                name.replace("blocks.", "model.layers.")
-                .replace(".attn_norm.", ".input_layernorm.")
-                .replace(".mlp_norm.", ".post_attention_layernorm.")
-                .replace(".attn.", ".self_attn.")
-                .replace("embed.", "model.embed_tokens.", 1)
-            )
-            if name == "norm.weight":
-                name = "model.norm.weight"
-            sd[name] = tensor
+        sd = dict(adapter.from_scion(scion_model.state_dict(), m))
         missing, unexpected = model.load_state_dict(sd, strict=False)
-        if unexpected or [k for k in missing if "rotary" not in k]:
+        if unexpected or [k for k in missing if "rotary" not in k and not (m.tie_embeddings and "lm_head" in k)]:
             raise RuntimeError(f"weight mapping failed: missing {missing}, unexpected {unexpected}")
+        if m.tie_embeddings:
+            model.tie_weights()
     return model
