@@ -5,8 +5,10 @@
 
 Both decode greedily in fp32 from the same random prompt with the same weights (copied into
 transformers' LlamaForCausalLM), and the benchmark checks that they produce the same tokens.
+scion runs eagerly and with its compiled decoding step (`CompiledDecoder`, what
+`scion generate --compile` uses; compiled during the warm-up, not timed).
 Reported: new tokens per second (batch x new tokens / wall time, prompt processing included),
-the median of runs that alternate between the two libraries.
+the median of runs that alternate between the libraries and modes.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 from common import hf_llama
 
 from scion.config import preset
-from scion.generate import generate
+from scion.generate import CompiledDecoder, generate
 from scion.model import Transformer
 
 
@@ -43,6 +45,7 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=128, help="new tokens per sequence")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per setting (median reported)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-compile", action="store_true", help="leave out the compiled decoder")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -73,23 +76,29 @@ def main() -> None:
                     eos_token_id=None,
                 )
 
-        def run_scion(prompt=prompt):
-            return generate(model, prompt, args.new, temperature=0.0)
-
-        run_hf(), run_scion()  # warm-up
-        (hf_out, sc_out), (hf_s, sc_s) = interleaved([run_hf, run_scion], args.repeats)
-        same = torch.equal(hf_out, sc_out)
-        r = dict(batch=batch, hf=batch * args.new / hf_s, scion=batch * args.new / sc_s, same=same)
+        fns = [run_hf, lambda prompt=prompt: generate(model, prompt, args.new, temperature=0.0)]
+        if not args.no_compile:
+            decoder = CompiledDecoder(model, batch)
+            fns.append(lambda prompt=prompt, decoder=decoder: generate(
+                model, prompt, args.new, temperature=0.0, decoder=decoder))
+        t0 = time.perf_counter()
+        for fn in fns:  # warm-up, and compilation
+            fn()
+        print(f"  batch {batch}: warm-up (compilation included) {time.perf_counter() - t0:.0f} s", flush=True)
+        outs, seconds = interleaved(fns, args.repeats)
+        rate = [batch * args.new / s for s in seconds]
+        r = dict(batch=batch, hf=rate[0], eager=rate[1], compiled=rate[2] if len(rate) > 2 else None,
+                 same=all(torch.equal(outs[0], o) for o in outs[1:]))
         rows.append(r)
-        print(
-            f"  batch {batch}: transformers {r['hf']:,.0f} tok/s, scion {r['scion']:,.0f} tok/s, "
-            f"ratio {r['scion'] / r['hf']:.2f}x, same tokens: {same}",
-            flush=True,
-        )
-    print("\n| batch | transformers tok/s | scion tok/s | ratio | same tokens |\n|---:|---:|---:|---:|:---:|")
+        print(f"  batch {batch}: " + ", ".join(f"{x:,.0f}" for x in rate) + f" tok/s, same tokens: {r['same']}",
+              flush=True)
+    print("\n| batch | transformers tok/s | scion eager tok/s | scion compiled tok/s | best ratio | same tokens |")
+    print("|---:|---:|---:|---:|---:|:---:|")
     for r in rows:
+        best = max(r["eager"], r["compiled"] or 0)
+        compiled = f"{r['compiled']:,.0f}" if r["compiled"] else "-"
         print(
-            f"| {r['batch']} | {r['hf']:,.0f} | {r['scion']:,.0f} | {r['scion'] / r['hf']:.2f}x | "
+            f"| {r['batch']} | {r['hf']:,.0f} | {r['eager']:,.0f} | {compiled} | {best / r['hf']:.2f}x | "
             f"{'yes' if r['same'] else 'NO'} |"
         )
 

@@ -14,7 +14,9 @@ results):
      unwrapped model's; reported as skipped when this build has no FSDP;
   4. throughput: the `tinyllama-1.1b` preset at sequence 2048 on random tokens, bf16, compiled
      blocks, fused AdamW, through scion's Trainer, reporting tokens/s and MFU as metrics.jsonl
-     records them.
+     records them;
+  5. compiled decoding: greedy batch-1 decoding eager and through `CompiledDecoder` (what
+     `scion generate --compile` uses), the same tokens, and new tokens per second for each.
 """
 
 from __future__ import annotations
@@ -168,6 +170,30 @@ def check_correctness(cfg: ModelConfig, device: torch.device) -> dict:
     out["kv_cache_matches_full_forward"] = torch.equal(cached, seqs)
     ok &= out["kv_cache_matches_full_forward"]
     out["status"] = "ok" if ok else "FAILED"
+    return out
+
+
+def check_decoding(cfg: ModelConfig, device, new: int = 64) -> dict:
+    """Greedy decoding at batch 1, eager and through `CompiledDecoder` (what `--compile` uses):
+    the same tokens, and new tokens per second for each (compilation not timed)."""
+    from scion.generate import CompiledDecoder, generate
+
+    model = build(cfg, device).eval()
+    prompt = torch.randint(0, cfg.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0)).to(device)
+    started = time.perf_counter()
+    decoder = CompiledDecoder(model, batch=1)
+    runs = {"eager": lambda: generate(model, prompt, new, temperature=0.0),
+            "compiled": lambda: generate(model, prompt, new, temperature=0.0, decoder=decoder)}
+    outs = {name: fn() for name, fn in runs.items()}  # warm-up, and compilation
+    out: dict = {"compile_s": round(time.perf_counter() - started, 1)}
+    for name, fn in runs.items():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        outs[name] = fn()
+        out[f"{name}_tok_s"] = round(new / (time.perf_counter() - t0), 1)
+    out["same_tokens"] = torch.equal(outs["eager"], outs["compiled"])
+    out["status"] = "ok" if out["same_tokens"] else "FAILED"
     return out
 
 
@@ -395,6 +421,16 @@ def main() -> None:
     value["seconds"] = round(time.perf_counter() - started, 1)
     failed |= value["status"] == "FAILED"
     results.record("throughput", value)
+
+    # Last, so that a slow compilation can only cost its own result.
+    started = time.perf_counter()
+    try:
+        value = check_decoding(TINY if args.dry_run else SMALL, device)
+    except Exception as e:
+        value = failure(e)
+    value["seconds"] = round(time.perf_counter() - started, 1)
+    failed |= value["status"] == "FAILED"
+    results.record("compiled_decoding", value)
     results.data["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     results.data["ok"] = not failed
     results.path.write_text(json.dumps(results.data, indent=1))

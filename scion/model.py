@@ -12,7 +12,8 @@ Hugging Face's Llama where there is a counterpart, which keeps the interop mappi
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,18 @@ from scion.config import ModelConfig
 
 # Called with (layer_idx, attention probabilities of shape [batch, heads, queries, keys]) when set.
 AttentionObserver = Callable[[int, torch.Tensor], None]
+
+
+def _fill_normal(t: torch.Tensor, generator: torch.Generator | None, std: float) -> None:
+    nn.init.normal_(t, mean=0.0, std=std, generator=generator)
+
+
+def _fill_ones(t: torch.Tensor, generator: torch.Generator | None) -> None:
+    nn.init.ones_(t)
+
+
+def _fill_zeros(t: torch.Tensor, generator: torch.Generator | None) -> None:
+    nn.init.zeros_(t)
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
@@ -55,7 +68,14 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
 
-    def update(self, pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, pos, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v [batch, kv_heads, T, head_dim] at `pos`, and return the keys and values to
+        attend to: those up to the new ones for an int offset, the whole cache (shapes that never
+        change, for a compiled step; the caller masks the unwritten end) for a tensor of positions."""
+        if isinstance(pos, torch.Tensor):
+            self.k.index_copy_(2, pos, k)
+            self.v.index_copy_(2, pos, v)
+            return self.k, self.v
         end = pos + k.size(2)
         self.k[:, :, pos:end] = k
         self.v[:, :, pos:end] = v
@@ -77,7 +97,7 @@ class Attention(nn.Module):
         self.use_rope = cfg.position == "rope"
         self.observer: AttentionObserver | None = None  # set by analysis tools, never by training
 
-    def forward(self, x, rope, kv_cache: KVCache | None = None, pos: int = 0, doc_mask=None):
+    def forward(self, x, rope, kv_cache: KVCache | None = None, pos: int | torch.Tensor = 0, doc_mask=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
@@ -93,7 +113,9 @@ class Attention(nn.Module):
         mask, causal = doc_mask, doc_mask is None
         if kv_cache is not None and doc_mask is None:
             causal = False
-            if T > 1:
+            if isinstance(pos, torch.Tensor):  # the whole cache came back: each query sees up to itself
+                mask = torch.arange(k.size(2), device=x.device) <= pos[:, None]
+            elif T > 1:
                 mask = torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(diagonal=pos)
 
         if self.observer is not None:
@@ -173,17 +195,29 @@ class Transformer(nn.Module):
         scaled by 1/sqrt(2 * n_layer) as in GPT-2; norms to one, biases to zero."""
         if self.cfg.tie_embeddings:  # moving between devices can untie them; tie again
             self.lm_head.weight = self.embed.weight
+        with torch.no_grad():
+            for param, fill in self.weight_initializers():
+                fill(param, generator)
+        self.init_buffers()
+
+    def weight_initializers(self) -> Iterator[tuple[nn.Parameter, Callable]]:
+        """Each parameter with the function `fill(tensor, generator)` that draws its initial
+        values, in the order `init_weights` draws them: whoever replays this order from one random
+        stream gets the same weights, whole or sharded (see `scion.parallel.materialize`)."""
         std = self.cfg.init_std
         for name, module in self.named_modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 scale = (2 * self.cfg.n_layer) ** -0.5 if name.endswith(("o_proj", "down_proj")) else 1.0
-                nn.init.normal_(module.weight, mean=0.0, std=std * scale, generator=generator)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
+                yield module.weight, partial(_fill_normal, std=std * scale)
             elif isinstance(module, (nn.RMSNorm, nn.LayerNorm)):
-                nn.init.ones_(module.weight)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
+                yield module.weight, _fill_ones
+            else:
+                continue
+            if getattr(module, "bias", None) is not None:
+                yield module.bias, _fill_zeros
+
+    def init_buffers(self) -> None:
+        """The tables that are computed, not learned (not in checkpoints), on the weights' device."""
         if self.cfg.position == "rope":
             self.rope_cos, self.rope_sin = rope_tables(self.cfg, self.cfg.max_seq_len, self.embed.weight.device)
 
@@ -201,16 +235,20 @@ class Transformer(nn.Module):
         idx: torch.Tensor,
         targets: torch.Tensor | None = None,
         *,
-        pos: int = 0,
+        pos: int | torch.Tensor = 0,
         doc_mask: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits for `idx` [batch, seq], or the mean cross-entropy when `targets` is given
         (targets of -100 are ignored). `pos` is the offset of idx in the sequence when decoding
-        with a KV cache; `doc_mask` [batch, 1, seq, seq] and `positions` ([seq], or [batch, seq]
-        when rows differ) serve packed sequences whose documents must not attend to each other."""
+        with a KV cache, or a tensor of the new tokens' positions [seq] for decoding steps whose
+        shapes never change (see `scion.generate.CompiledDecoder`). `doc_mask` [batch, 1, seq, seq]
+        and `positions` ([seq], or [batch, seq] when rows differ) serve packed sequences whose
+        documents must not attend to each other."""
         T = idx.size(1)
-        if pos + T > self.cfg.max_seq_len:
+        if isinstance(pos, torch.Tensor):
+            positions = pos
+        elif pos + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {pos + T} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
         x = self.embed(idx)
         if self.cfg.position == "learned":

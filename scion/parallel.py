@@ -56,14 +56,22 @@ def parallelize(
     compile: bool = False,
     activation_checkpointing: bool = False,
     precision: str = "fp32",
+    init_seed: int = 0,
 ) -> nn.Module:
-    """The module that forward/backward should run through (for FSDP, the model itself)."""
+    """The module that forward/backward should run through (for FSDP, the model itself). A model
+    built on the meta device (FSDP only) is allocated shard by shard and initialised with
+    `init_seed` once sharded."""
+    on_meta = any(p.is_meta for p in model.parameters())
+    if on_meta and parallel != "fsdp":
+        raise ValueError("only FSDP takes a model built on the meta device")
     if activation_checkpointing:
         apply_activation_checkpointing(model)
     if compile:
         compile_blocks(model)  # in place: parameter names do not change
     if parallel == "fsdp":
         apply_fsdp(model, device, world, precision)
+        if on_meta:
+            materialize(model, device, torch.Generator().manual_seed(init_seed))
         return model
     train_model = model
     if parallel == "ddp" and world.size > 1:
@@ -106,6 +114,25 @@ def apply_fsdp(model: nn.Module, device: torch.device, world: World, precision: 
     for i, block in enumerate(blocks):
         fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=i < len(blocks) - 1)
     fully_shard(model, mesh=mesh, mp_policy=policy)
+
+
+@torch.no_grad()
+def materialize(model: nn.Module, device: torch.device, generator: torch.Generator) -> None:
+    """Allocate a model that was built on the meta device and then sharded: each rank allocates
+    only its own shards, so no process ever holds the whole model. The values are exactly those
+    `init_weights(generator)` gives the whole model: each parameter is drawn whole on the CPU, one
+    at a time, from the same random stream on every rank, and each rank keeps its slice (no
+    communication; the extra memory is one parameter, not the model)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    model.to_empty(device=device)
+    for param, fill in model.weight_initializers():
+        whole = torch.empty(param.shape, dtype=param.dtype)
+        fill(whole, generator)
+        if isinstance(param, DTensor):  # src_data_rank=None: slice this rank's copy, send nothing
+            whole = distribute_tensor(whole.to(device), param.device_mesh, param.placements, src_data_rank=None)
+        param.copy_(whole)
+    model.init_buffers()
 
 
 def is_sharded(model: nn.Module) -> bool:

@@ -59,7 +59,13 @@ def load_data(cfg: RunConfig, world: World) -> tuple[Tokenizer, list[Path]]:
 
 
 def build_model(cfg: RunConfig, device: torch.device) -> Transformer:
-    """A freshly initialised model; the same seed gives the same weights on any device."""
+    """A freshly initialised model; the same seed gives the same weights on any device and any
+    number of ranks. For FSDP the model is built on the meta device and gets its memory, and
+    the same weights, only once sharded (`scion.parallel.parallelize`): no rank ever holds it
+    whole. Tied embeddings are the exception (moving them off the meta device would untie them)."""
+    if cfg.train.parallel == "fsdp" and not cfg.model.tie_embeddings:
+        with torch.device("meta"):
+            return Transformer(cfg.model)
     model = Transformer(cfg.model)
     model.init_weights(torch.Generator().manual_seed(cfg.train.seed))
     return model.to(device)
@@ -97,7 +103,8 @@ def train(
     t = cfg.train
     say = log if env.world.main else (lambda msg: None)
     train_model = parallelize(model, t.parallel, env.device, env.world, compile=t.compile,
-                              activation_checkpointing=t.activation_checkpointing, precision=env.precision)
+                              activation_checkpointing=t.activation_checkpointing, precision=env.precision,
+                              init_seed=t.seed)
     trainer = Trainer(cfg, run_dir, model, batches, val_batches=val, loss_fn=loss_fn, tokenizer=tokenizer,
                       device=env.device, precision=env.precision, world=env.world,
                       parallel_model=train_model, progress=progress, log=log,

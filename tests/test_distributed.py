@@ -92,12 +92,17 @@ def train_run(run_dir: str, parallel: str, resume: bool = False, activation_chec
     (run_dir / f"stop-rank{rank}.txt").write_text(trainer.stop_reason or "")
 
 
-def _rank_main(rank: int, world_size: int, port: int, jobs: list[dict]) -> None:
+def _as_rank(rank: int, world_size: int, port: int) -> None:
+    """The environment torchrun gives a rank."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_WORLD_SIZE=str(world_size))
     if world_size > 1:  # one process alone makes its group without a network (as without torchrun)
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
+
+
+def _rank_main(rank: int, world_size: int, port: int, jobs: list[dict]) -> None:
+    _as_rank(rank, world_size, port)
     from scion.parallel import shutdown
 
     for job in jobs:
@@ -105,12 +110,17 @@ def _rank_main(rank: int, world_size: int, port: int, jobs: list[dict]) -> None:
     shutdown()
 
 
-def run_on_ranks(world_size: int, jobs: list[dict]) -> None:
-    """Run the jobs, in order, on `world_size` spawned processes sharing one gloo group."""
+def spawn_ranks(world_size: int, main, *args) -> None:
+    """Run `main(rank, world_size, port, *args)` on `world_size` spawned processes."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_rank_main, args=(world_size, port, jobs), nprocs=world_size, join=True)
+    mp.spawn(main, args=(world_size, port, *args), nprocs=world_size, join=True)
+
+
+def run_on_ranks(world_size: int, jobs: list[dict]) -> None:
+    """Run the jobs, in order, on `world_size` spawned processes sharing one gloo group."""
+    spawn_ranks(world_size, _rank_main, jobs)
 
 
 def resumable_copy(src: Path, dst: Path) -> Path:
@@ -314,6 +324,45 @@ def test_without_tokens_per_step_a_resumed_run_keeps_its_global_batch(tmp_path):
     with pytest.raises(ScionError, match="must be a multiple of micro_batch_size x world size"):
         third.resume(ckpt.list_checkpoints(tmp_path)[-1])
 
+
+
+def _sharded_init_main(rank: int, world_size: int, port: int, out: str) -> None:
+    _as_rank(rank, world_size, port)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from scion.parallel import parallelize, shutdown
+    from scion.pretrain import build_model, setup
+
+    cfg = tiny_config("fsdp")
+    env = setup(cfg)
+    model = build_model(cfg, env.device)
+    built_on_meta = all(p.is_meta for p in model.parameters())
+    parallelize(model, "fsdp", env.device, env.world, init_seed=cfg.train.seed)
+    local = sum(p.to_local().numel() for p in model.parameters())
+    whole = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        torch.save(whole, Path(out) / "whole.pt")
+    (Path(out) / f"rank{rank}.json").write_text(json.dumps(dict(meta=built_on_meta, local=local)))
+    shutdown()
+
+
+def test_fsdp_builds_on_meta_and_each_rank_initialises_only_its_shards(tmp_path):
+    """No rank holds the whole model, and the sharded weights are bit for bit those of a
+    single-process run with the same seed."""
+    from scion.pretrain import build_model
+
+    spawn_ranks(2, _sharded_init_main, str(tmp_path))
+    reference = build_model(tiny_config(), torch.device("cpu"))
+    total = reference.num_params()
+    for rank in range(2):
+        seen = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert seen["meta"] is True
+        assert seen["local"] <= total // 2 + 64  # its half (FSDP pads dim 0 to a multiple of 2)
+    whole = torch.load(tmp_path / "whole.pt", weights_only=True)
+    expected = reference.state_dict()
+    assert whole.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(whole[name], tensor), name
 
 
 def test_activation_checkpointing_keeps_parameter_names_and_gradients():

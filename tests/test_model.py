@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from scion.config import MODEL_PRESETS, ModelConfig, preset
-from scion.generate import generate
+from scion.generate import CompiledDecoder, generate
 from scion.model import Transformer
 
 PUBLISHED_PARAMS = {
@@ -112,6 +112,36 @@ def test_kv_cache_decoding_equals_full_forward(kind):
         for _ in range(10):
             seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(out, seq)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_static_shape_decoding_equals_offset_decoding(kind):
+    """The compiled decoder's path: the cache spans the whole context, positions come as a tensor
+    and the unwritten end is masked; its logits equal the sliced cache's."""
+    extra = {} if kind == "llama" else dict(norm="layernorm", mlp="gelu", position="learned", tie_embeddings=True)
+    model = build(tiny_cfg(**extra))
+    tokens = torch.randint(0, 97, (2, 12))
+    with torch.no_grad():
+        model.setup_kv_cache(2, 12)
+        sliced = [model(tokens[:, :5], pos=0)] + [model(tokens[:, t:t + 1], pos=t) for t in range(5, 12)]
+        model.setup_kv_cache(2)  # the whole context, 32 positions
+        model.kv_caches[0].k.fill_(1e4)  # stale entries must be masked, whatever they hold
+        static = [model(tokens[:, :3], pos=torch.arange(3)), model(tokens[:, 3:5], pos=torch.arange(3, 5))]
+        static += [model(tokens[:, t:t + 1], pos=torch.tensor([t])) for t in range(5, 12)]
+        model.clear_kv_cache()
+    torch.testing.assert_close(torch.cat(static, 1), torch.cat(sliced, 1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_decoder_gives_the_eager_tokens():
+    model = build(tiny_cfg())
+    decoder = CompiledDecoder(model, batch=2)
+    for length, new in ((5, 10), (9, 30)):  # a second prompt reuses the compiled step and its cache
+        prompt = torch.randint(0, 97, (2, length))
+        assert torch.equal(generate(model, prompt, new, temperature=0, decoder=decoder),
+                           generate(model, prompt, new, temperature=0))
+    with pytest.raises(ValueError, match="batch size"):
+        generate(model, prompt[:1], 4, decoder=decoder)
 
 
 def test_init_is_deterministic_and_scaled():

@@ -97,4 +97,5 @@ def test_gpu_check_dry_run(tmp_path):
     assert steps["fsdp_one_device"]["status"] in ("ok", "skipped")
     assert steps["throughput"]["status"] == "ok" and steps["throughput"]["tokens_per_s"] > 0
     assert "mfu" in steps["throughput"]  # the CPU's measured peak is known
+    assert steps["compiled_decoding"]["same_tokens"] is True
     assert results["ok"] is True

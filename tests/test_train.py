@@ -114,6 +114,15 @@ def test_generate_command_samples_with_a_seed(tiny_run, run_scion):
     assert greedy.stdout.startswith("To be")
 
 
+@pytest.mark.slow
+def test_generate_compile_samples_what_eager_decoding_samples(tiny_run, run_scion):
+    args = ["generate", tiny_run, "--prompt", "To be", "--max-new-tokens", "20", "--seed", "5", "--num-samples", "2"]
+    eager = run_scion(*args)
+    compiled = run_scion(*args, "--compile")
+    assert compiled.stdout == eager.stdout
+    assert "compiling the decoding step" in compiled.stderr
+
+
 def test_checkpoint_save_is_atomic(tmp_path, monkeypatch):
     weights = {"w": torch.ones(4)}
     first = ckpt.save_checkpoint(tmp_path, 1, 10, weights, None, {})

@@ -20,6 +20,18 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default="auto")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the decoding step first (about a minute on a CPU), then decode faster")
+
+
+def compiled_decoder(args, model):
+    """A `CompiledDecoder` for batch 1 when --compile was given, else None."""
+    if not args.compile:
+        return None
+    from scion.generate import CompiledDecoder
+
+    print("compiling the decoding step (the first answer waits for it)", file=sys.stderr, flush=True)
+    return CompiledDecoder(model, batch=1)
 
 
 def main(argv: list[str]) -> int:
@@ -54,6 +66,7 @@ def main(argv: list[str]) -> int:
         args.top_k or None,
         args.top_p,
         generator,
+        compiled_decoder(args, loaded.model),
     )
     print(
         f"chatting with {args.run} ({loaded.checkpoint.name}, context {session.context} tokens). {HELP}",

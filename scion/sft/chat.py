@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from scion.errors import ScionError
-from scion.generate import generate_stream
+from scion.generate import CompiledDecoder, generate_stream
 from scion.model import Transformer
 from scion.sft.template import BUILTIN, ChatTemplate, prompt_ids, template_of
 from scion.tokenizer import Tokenizer
@@ -45,8 +45,10 @@ class ChatSession:
         top_k: int | None = 50,
         top_p: float | None = None,
         generator: torch.Generator | None = None,
+        decoder: CompiledDecoder | None = None,
     ):
         self.model, self.tokenizer, self.template = model, tokenizer, template
+        self.decoder = decoder
         self.system = system
         self.max_new_tokens, self.temperature, self.top_k, self.top_p = (
             max_new_tokens,
@@ -100,6 +102,7 @@ class ChatSession:
             top_k=self.top_k,
             top_p=self.top_p,
             generator=self.generator,
+            decoder=self.decoder,
         )
         try:
             for token in stream:
