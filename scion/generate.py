@@ -59,7 +59,10 @@ class CompiledDecoder:
         return self.model(token, pos=pos)[:, -1]
 
     def step(self, token: torch.Tensor, pos: int) -> torch.Tensor:
-        """Logits [batch, vocab] after `token` [batch, 1] at position `pos`."""
+        """Logits [batch, vocab] after `token` [batch, 1] at position `pos`, with the decoder's
+        cache attached to the model (as `generate_stream(..., decoder=)` does)."""
+        if self.model.kv_caches is not self.caches:
+            raise RuntimeError("attach the decoder's cache first: decode through generate_stream(..., decoder=...)")
         pos = torch.tensor([pos], device=token.device)
         if self._compiled:
             # Every call has the same shapes and dtypes (generate_stream checks the batch) and the
