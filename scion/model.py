@@ -265,10 +265,15 @@ class Transformer(nn.Module):
         for i, block in enumerate(self.blocks):
             cache = self.kv_caches[i] if self.kv_caches is not None else None
             x = block(x, rope, cache, pos, doc_mask)
-        x = self.norm(x)
         if targets is None:
-            return self.lm_head(x)
-        logits = self.lm_head(x)
+            return self.lm_head(self.norm(x))
+        return self.output_loss(x, targets)
+
+    def output_loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of the last block's output `h` against `targets` (-100 ignored):
+        final norm, head and loss as one unit, which `scion.train.compile` compiles like a block
+        (fused, the [tokens, vocab] logits are not materialised again for the softmax)."""
+        logits = self.lm_head(self.norm(h))
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
 
     # ---- decoding -------------------------------------------------------------------------

@@ -67,7 +67,7 @@ def test_compile_blocks_keeps_names_and_eager_paths(monkeypatch):
 
     def fake_compile(fn, **kw):  # what matters here is the dispatch, not inductor's code
         def compiled(*args):
-            calls.append(args[2] is None)
+            calls.append(fn.__name__)
             return fn(*args)
         return compiled
 
@@ -77,9 +77,9 @@ def test_compile_blocks_keeps_names_and_eager_paths(monkeypatch):
     assert list(model.state_dict()) == names
     x = torch.randint(0, CFG.vocab_size, (2, 8))
     model(x, x).backward()
-    assert calls == [True, True]  # one compiled call per block for training
+    assert calls == ["forward", "forward", "output_loss"]  # each block, then norm + head + loss
     generate(model, x[:, :3], 4, temperature=0.0)
-    assert calls == [True, True]  # decoding with the cache stays eager
+    assert len(calls) == 3  # decoding with the cache stays eager
 
 
 @pytest.mark.slow

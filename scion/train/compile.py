@@ -1,8 +1,9 @@
-"""torch.compile for training, one transformer block at a time (regional compilation).
+"""torch.compile for training, one transformer block at a time (regional compilation), and the
+output (final norm, head and loss) as one more region.
 
-All blocks of a model share one compiled graph, so compiling costs the time of one block, not of
-the whole network, and the module tree, parameter names and state dict stay exactly as they were
-(no `_orig_mod.` prefixes). A block runs compiled for training and evaluation passes; decoding
+All blocks of a model share one compiled graph, so compiling costs the time of one block (and
+the output's), not of the whole network, and the module tree, parameter names and state dict stay
+exactly as they were (no `_orig_mod.` prefixes). A block runs compiled for training and evaluation passes; decoding
 with a KV cache and passes with an attention observer run the same block eagerly, so sampling
 during training never triggers a recompilation per position.
 """
@@ -33,4 +34,9 @@ def compile_blocks(model: Transformer, **compile_kwargs) -> Transformer:
 
         block.forward = forward
         block._scion_compiled = True
+    if not getattr(model, "_scion_compiled", False):
+        # The final norm, head and loss: the largest element-wise work of a step, on the
+        # [tokens, vocab] logits. Only passes with targets come here (never decoding).
+        model.output_loss = torch.compile(model.output_loss, **compile_kwargs)
+        model._scion_compiled = True
     return model
