@@ -10,8 +10,9 @@ results):
      gradients), a short training run that must memorise a batch, KV-cache greedy decoding
      against a no-cache full-forward greedy decode;
   3. FSDP on one device: `torchrun --nproc-per-node 1` running the training loop with
-     `--parallel fsdp`'s code path (scion.parallel.parallelize), whose loss must match the
-     unwrapped model's; reported as skipped when this build has no FSDP;
+     `--parallel fsdp`'s code path (built on the meta device, sharded, then initialised on the
+     GPU by scion.parallel.parallelize), whose loss must match the unwrapped model's; reported
+     as skipped when this build has no FSDP;
   4. throughput: the `tinyllama-1.1b` preset at sequence 2048 on random tokens, bf16, compiled
      blocks, fused AdamW, through scion's Trainer, reporting tokens/s and MFU as metrics.jsonl
      records them;
@@ -203,6 +204,7 @@ def fsdp_worker(args) -> None:
     import torch.distributed as dist
 
     from scion.parallel import init_distributed, parallelize
+    from scion.pretrain import build_model
 
     device = (
         torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
@@ -218,11 +220,14 @@ def fsdp_worker(args) -> None:
     world = World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
     losses = {}
     for parallel in ("none", "fsdp"):
-        model = build(cfg.model, device, seed=cfg.train.seed)
+        # FSDP builds on the meta device and initialises its shards on the device, as
+        # `scion pretrain --parallel fsdp` does; the weights must equal the plain build's.
+        model = build(cfg.model, device, seed=cfg.train.seed) if parallel == "none" else build_model(cfg, device)
         try:
             # Compiled on the GPU, as a GPU run would be; eager in the dry run, to keep it short.
             train_model = parallelize(
-                model, parallel, device, world, compile=device.type == "cuda", precision=precision
+                model, parallel, device, world, compile=device.type == "cuda", precision=precision,
+                init_seed=cfg.train.seed,
             )
         except ScionError as e:
             result = {"status": "skipped", "reason": f"scion.parallel has no FSDP here: {e}"}
