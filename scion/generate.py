@@ -39,7 +39,8 @@ class CompiledDecoder:
     same shapes and compiles to one graph: inductor freezes the weights as constants and autotunes
     its matrix products (on CPU, prepacked GEMV kernels that read the weights near memory speed,
     where the eager one-row products are far slower). Prompts still run eagerly. The weights are
-    captured as they are when the first step compiles; make a new decoder after changing them.
+    captured as they are when the first step compiles (the graph holds its own prepacked copy, so
+    decoding needs the weights' memory twice); make a new decoder after changing them.
     Compiling takes about a minute on two CPU cores, so this is for `scion generate --compile` and
     `scion chat --compile`, not for the samples taken during training."""
 
@@ -94,6 +95,8 @@ def generate_stream(
     `decoder`'s compiled step when given). Stops early when every sequence has produced `eos_id`,
     or at the model's context length."""
     batch, start = prompt.shape
+    if decoder is not None and (decoder.model is not model or decoder.batch != batch):
+        raise ValueError(f"the decoder was compiled for another model or batch size ({decoder.batch})")
     budget = min(max_new_tokens, model.cfg.max_seq_len - start)
     if budget <= 0:
         return
@@ -103,8 +106,6 @@ def generate_stream(
         model.setup_kv_cache(batch, start + budget)
         next_logits = lambda token, pos: model(token, pos=pos)[:, -1]  # noqa: E731
     else:
-        if decoder.model is not model or decoder.batch != batch:
-            raise ValueError(f"the decoder was compiled for another model or batch size ({decoder.batch})")
         model.kv_caches = decoder.caches
         next_logits = decoder.step
     try:
