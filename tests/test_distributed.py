@@ -433,6 +433,17 @@ def test_torchrun_fsdp_then_resume_on_one_process(tmp_path, corpus, cache_dir):
 
 
 @pytest.mark.slow
+def test_ddp_composes_with_compile_on_two_ranks(tmp_path, runs):
+    """Per-block and output compilation under DDP's gradient hooks: the same losses as one
+    uncompiled process with the same global batch."""
+    run_on_ranks(2, [dict(run_dir=str(tmp_path / "ddp-compiled"), parallel="ddp", compile=True)])
+    single, compiled = losses(runs["single"]), losses(tmp_path / "ddp-compiled")
+    assert single.keys() == compiled.keys()
+    for key, value in single.items():
+        assert compiled[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+
+
+@pytest.mark.slow
 def test_fsdp_composes_with_compile_on_one_process_group_of_one(tmp_path):
     """FSDP on a single process (the one-GPU check's path) with per-block torch.compile and
     activation checkpointing matches plain training."""
