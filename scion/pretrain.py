@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from scion import checkpoint as ckpt
 from scion.config import RunConfig, save_yaml
@@ -25,7 +26,8 @@ from scion.train.loop import LossFn, Trainer, TrainState, World, lm_loss
 
 
 def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    tqdm.write(msg, file=sys.stderr)  # above the progress bar when one is drawn, plain lines otherwise
+    sys.stderr.flush()
 
 
 @dataclass
