@@ -68,7 +68,7 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
 
-    def update(self, pos, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, pos: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v [batch, kv_heads, T, head_dim] at `pos`, and return the keys and values to
         attend to: those up to the new ones for an int offset, the whole cache (shapes that never
         change, for a compiled step; the caller masks the unwritten end) for a tensor of positions."""
@@ -272,7 +272,7 @@ class Transformer(nn.Module):
     def output_loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy of the last block's output `h` against `targets` (-100 ignored):
         final norm, head and loss as one unit, which `scion.train.compile` compiles like a block
-        (fused, the [tokens, vocab] logits are not materialised again for the softmax)."""
+        (the softmax and the loss then fuse into one pass over the [tokens, vocab] logits)."""
         logits = self.lm_head(self.norm(h))
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
 
