@@ -64,8 +64,8 @@ def build_model(cfg: RunConfig, device: torch.device) -> Transformer:
     """A freshly initialised model; the same seed gives the same weights on any device and any
     number of ranks. For FSDP the model is built on the meta device and gets its memory, and
     the same weights, only once sharded (`scion.parallel.parallelize`): no rank ever holds it
-    whole. Tied embeddings are the exception (moving them off the meta device would untie them)."""
-    if cfg.train.parallel == "fsdp" and not cfg.model.tie_embeddings:
+    whole."""
+    if cfg.train.parallel == "fsdp":
         with torch.device("meta"):
             return Transformer(cfg.model)
     model = Transformer(cfg.model)

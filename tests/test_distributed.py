@@ -9,6 +9,7 @@ disk. The 2-rank runs share one spawned process group, so the processes start on
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -326,14 +327,20 @@ def test_without_tokens_per_step_a_resumed_run_keeps_its_global_batch(tmp_path):
 
 
 
-def _sharded_init_main(rank: int, world_size: int, port: int, out: str) -> None:
+def tied_or_not(parallel: str, tied: bool) -> RunConfig:
+    cfg = tiny_config(parallel)
+    cfg.model = dataclasses.replace(cfg.model, tie_embeddings=tied)
+    return cfg
+
+
+def _sharded_init_main(rank: int, world_size: int, port: int, out: str, tied: bool) -> None:
     _as_rank(rank, world_size, port)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     from scion.parallel import parallelize, shutdown
     from scion.pretrain import build_model, setup
 
-    cfg = tiny_config("fsdp")
+    cfg = tied_or_not("fsdp", tied)
     env = setup(cfg)
     model = build_model(cfg, env.device)
     built_on_meta = all(p.is_meta for p in model.parameters())
@@ -342,21 +349,23 @@ def _sharded_init_main(rank: int, world_size: int, port: int, out: str) -> None:
     whole = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         torch.save(whole, Path(out) / "whole.pt")
-    (Path(out) / f"rank{rank}.json").write_text(json.dumps(dict(meta=built_on_meta, local=local)))
+    seen = dict(meta=built_on_meta, local=local, tied=model.lm_head.weight is model.embed.weight)
+    (Path(out) / f"rank{rank}.json").write_text(json.dumps(seen))
     shutdown()
 
 
-def test_fsdp_builds_on_meta_and_each_rank_initialises_only_its_shards(tmp_path):
+@pytest.mark.parametrize("tied", [False, True])
+def test_fsdp_builds_on_meta_and_each_rank_initialises_only_its_shards(tmp_path, tied):
     """No rank holds the whole model, and the sharded weights are bit for bit those of a
-    single-process run with the same seed."""
+    single-process run with the same seed (tied embeddings stay one parameter)."""
     from scion.pretrain import build_model
 
-    spawn_ranks(2, _sharded_init_main, str(tmp_path))
-    reference = build_model(tiny_config(), torch.device("cpu"))
+    spawn_ranks(2, _sharded_init_main, str(tmp_path), tied)
+    reference = build_model(tied_or_not("none", tied), torch.device("cpu"))
     total = reference.num_params()
     for rank in range(2):
         seen = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        assert seen["meta"] is True
+        assert seen["meta"] is True and seen["tied"] is tied
         assert seen["local"] <= total // 2 + 64  # its half (FSDP pads dim 0 to a multiple of 2)
     whole = torch.load(tmp_path / "whole.pt", weights_only=True)
     expected = reference.state_dict()
