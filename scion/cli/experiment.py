@@ -9,6 +9,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
+from scion.cli.options import add_progress_flag, progress_choice
 from scion.errors import ScionError
 
 EXAMPLES = """
@@ -52,7 +53,7 @@ def main(argv: list[str]) -> int:
     )
     p.add_argument("--no-grow", action="store_true", help="stop Inheritune after round 1")
     p.add_argument("--device", default=None, help="auto, cpu, cuda, ...")
-    p.add_argument("--progress", choices=["auto", "bar", "lines"], default="auto")
+    add_progress_flag(p)
     args = p.parse_args(argv)
 
     from scion.inherit.experiment import Experiment, load_experiment_config, results_markdown
@@ -78,7 +79,7 @@ def main(argv: list[str]) -> int:
         run.train.device = args.device
     stem = Path(args.config).stem if args.config else "cpu"
     out = Path(args.out) if args.out else Path("runs") / f"experiment-{args.name}-{stem}"
-    progress = {"auto": None, "bar": True, "lines": False}[args.progress]
+    progress = progress_choice(args)
     experiment = Experiment(out, cfg, progress=progress)
     try:
         rows = experiment.run()

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from scion.cli.inherit import add_run_flags, add_spec_flags, check_model_overrides, spec_from_args
-from scion.cli.options import base_parser, parse_config
+from scion.cli.options import base_parser, parse_config, progress_choice
 from scion.errors import ScionError
 
 EXAMPLES = """
@@ -54,7 +54,7 @@ def main(argv: list[str]) -> int:
     pre, _ = p.parse_known_args(argv)
     if pre.help:
         parse_config(p, argv)
-    progress = {"auto": None, "bar": True, "lines": False}[pre.progress]
+    progress = progress_choice(pre)
 
     from scion.inherit.grow import GrowSettings, load_settings, run_grow, summary_table
     from scion.inherit.runs import Stopped

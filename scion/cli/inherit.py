@@ -7,7 +7,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from scion.cli.options import base_parser, parse_config
+from scion.cli.options import add_progress_flag, base_parser, parse_config, progress_choice
 from scion.errors import ScionError
 
 EXAMPLES = """
@@ -66,12 +66,7 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
         metavar="PATH",
         help="training text or prepared shards (default: the reference's data)",
     )
-    p.add_argument(
-        "--progress",
-        choices=["auto", "bar", "lines"],
-        default="auto",
-        help="a live progress bar, or a line per log step (auto: bar on a terminal)",
-    )
+    add_progress_flag(p)
 
 
 def check_model_overrides(cfg_model, expected) -> None:
@@ -100,7 +95,7 @@ def main(argv: list[str]) -> int:
     pre, _ = p.parse_known_args(argv)
     if pre.help:
         parse_config(p, argv)
-    progress = {"auto": None, "bar": True, "lines": False}[pre.progress]
+    progress = progress_choice(pre)
     if pre.resume:
         return _resume(p, argv, Path(pre.resume), progress)
     if not pre.reference or not pre.out:

@@ -43,6 +43,16 @@ def add_config_flags(p: argparse.ArgumentParser, default_preset: str | None = "t
                    help="raw text (files, folders, globs: .txt .jsonl .parquet) or prepared shard folders")
 
 
+def add_progress_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--progress", choices=["auto", "bar", "lines"], default="auto",
+                   help="a live progress bar, or a line per log step (auto: bar on a terminal)")
+
+
+def progress_choice(args: argparse.Namespace) -> bool | None:
+    """--progress as the training loop takes it: None (a bar on a terminal), True (a bar), False (lines)."""
+    return {"auto": None, "bar": True, "lines": False}[args.progress]
+
+
 def parse_config(
     p: argparse.ArgumentParser, argv: list[str], base: RunConfig | None = None, default_preset: str = "tiny"
 ) -> tuple[argparse.Namespace, RunConfig]:

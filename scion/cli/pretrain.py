@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from scion.cli.options import add_config_flags, base_parser, parse_config
+from scion.cli.options import add_config_flags, add_progress_flag, base_parser, parse_config, progress_choice
 from scion.errors import ScionError
 from scion.run import is_run, load_config
 
@@ -31,8 +31,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     p.add_argument("--reset-optimizer", action="store_true",
                    help="resume WITHOUT the optimizer state (reproduces the DMaS-LLaMa-Lite mistake)")
-    p.add_argument("--progress", choices=["auto", "bar", "lines"], default="auto",
-                   help="a live progress bar, or a line per log step (auto: bar on a terminal)")
+    add_progress_flag(p)
 
     base = None
     pre, _ = p.parse_known_args(argv)
@@ -54,7 +53,7 @@ def main(argv: list[str]) -> int:
                              f"start it again with --out {out} --overwrite")
     else:
         out = Path(args.out) if args.out else default_out(cfg.model.name)
-    progress = {"auto": None, "bar": True, "lines": False}[args.progress]
+    progress = progress_choice(args)
     run_dir, state, trainer = pretrain(cfg, out, resume=bool(args.resume), overwrite=args.overwrite,
                                        reset_optimizer=args.reset_optimizer, progress=progress)
     if trainer.world.main:

@@ -6,7 +6,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from scion.cli.options import base_parser, parse_config
+from scion.cli.options import add_progress_flag, base_parser, parse_config, progress_choice
 from scion.errors import ScionError
 from scion.run import is_run, load_config
 
@@ -90,7 +90,7 @@ def main(argv: list[str]) -> int:
         default="auto",
         help="with LoRA, also train the embedding and output layer (auto: when tokens were added)",
     )
-    p.add_argument("--progress", choices=["auto", "bar", "lines"], default="auto")
+    add_progress_flag(p)
 
     pre, _ = p.parse_known_args(argv)
     preloaded = None
@@ -138,7 +138,7 @@ def main(argv: list[str]) -> int:
             lora_train_embeddings=train_embeddings,
         )
     given = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
-    progress = {"auto": None, "bar": True, "lines": False}[args.progress]
+    progress = progress_choice(args)
     run_dir, trainer = sft(
         cfg,
         options,
