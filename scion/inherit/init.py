@@ -180,12 +180,17 @@ def stack(model: Transformer, seed: int, depth: int | None = None) -> Transforme
     depth = depth or 2 * n
     if depth < n:
         raise ScionError(f"stacking makes a model deeper: {depth} < {n}")
-    out = fresh(
-        with_depth(model.cfg, depth, f"{model.cfg.name}-stack{depth}"), seed, model.embed.weight.device
-    )
-    _copy_outer(out, model, True, True, True)
+    return _restacked(model, depth, seed, f"stack{depth}", lambda i: i % n)
+
+
+def _restacked(source: Transformer, depth: int, seed: int, suffix: str, block_of) -> Transformer:
+    """A `depth`-block model with `source`'s embeddings, final norm and head, whose block i is a
+    copy of the source's block `block_of(i)` (the stacking and every-other initialisations)."""
+    cfg = with_depth(source.cfg, depth, f"{source.cfg.name}-{suffix}")
+    out = fresh(cfg, seed, source.embed.weight.device)
+    _copy_outer(out, source, True, True, True)
     for i in range(depth):
-        _copy_block(out.blocks[i], model.blocks[i % n], list(_ALL_PARTS))
+        _copy_block(out.blocks[i], source.blocks[block_of(i)], list(_ALL_PARTS))
     return out
 
 
@@ -199,12 +204,7 @@ def hybrid_stack(reference: Transformer, layers: int, seed: int) -> Transformer:
             f"hybrid stacking to {layers} layers needs {half} reference blocks; it has "
             f"{reference.cfg.n_layer}"
         )
-    cfg = with_depth(reference.cfg, layers, f"{reference.cfg.name}-hybrid{layers}")
-    out = fresh(cfg, seed, reference.embed.weight.device)
-    _copy_outer(out, reference, True, True, True)
-    for i in range(layers):
-        _copy_block(out.blocks[i], reference.blocks[i % half], list(_ALL_PARTS))
-    return out
+    return _restacked(reference, layers, seed, f"hybrid{layers}", lambda i: i % half)
 
 
 def every_other(reference: Transformer, seed: int, layers: int | None = None) -> Transformer:
@@ -216,12 +216,7 @@ def every_other(reference: Transformer, seed: int, layers: int | None = None) ->
             f"every-other-layer init of {layers} layers needs a reference of at least "
             f"{2 * layers - 1} blocks; it has {reference.cfg.n_layer}"
         )
-    cfg = with_depth(reference.cfg, layers, f"{reference.cfg.name}-alt{layers}")
-    out = fresh(cfg, seed, reference.embed.weight.device)
-    _copy_outer(out, reference, True, True, True)
-    for i in range(layers):
-        _copy_block(out.blocks[i], reference.blocks[2 * i], list(_ALL_PARTS))
-    return out
+    return _restacked(reference, layers, seed, f"alt{layers}", lambda i: 2 * i)
 
 
 # ---- half width ------------------------------------------------------------------------------
