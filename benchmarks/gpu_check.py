@@ -15,7 +15,8 @@ results):
      as skipped when this build has no FSDP;
   4. throughput: the `tinyllama-1.1b` preset at sequence 2048 on random tokens, bf16, compiled
      blocks, fused AdamW, through scion's Trainer, reporting tokens/s and MFU as metrics.jsonl
-     records them;
+     records them: one micro-batch a step, then `--accum` micro-batches a step (the preset's own
+     global batch is 128 of them, so the optimizer step's share is nearly nil there);
   5. compiled decoding: greedy batch-1 decoding eager and through `CompiledDecoder` (what
      `scion generate --compile` uses), the same tokens, and new tokens per second for each.
 """
@@ -23,6 +24,7 @@ results):
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -134,19 +136,20 @@ def check_correctness(cfg: ModelConfig, device: torch.device) -> dict:
 
     compiled = compile_blocks(build(cfg, device))
     t0 = time.perf_counter()
-    lc, gc = loss_and_grads(compiled, batch, device, "fp32")
+    lc, g_compiled = loss_and_grads(compiled, batch, device, "fp32")
     out["compile_s"] = round(time.perf_counter() - t0, 1)
     out["compiled_fp32_loss"] = lc
-    out["compiled_grad_rel_diff"] = max_rel_diff(gc, g32)
+    out["compiled_grad_rel_diff"] = max_rel_diff(g_compiled, g32)
     ok &= abs(lc - l32) < 1e-4 * l32 and out["compiled_grad_rel_diff"] < 1e-3
     lcb, _ = loss_and_grads(compiled, batch, device, "bf16")
     out["compiled_bf16_loss"] = lcb
     ok &= abs(lcb - l32) < 2e-2 * l32
 
-    # A short bf16 compiled run on one batch must memorise it.
+    # A bf16 compiled run on one batch must memorise it: halve its loss within 200 steps (random
+    # tokens: a 4-layer model needs about 50 at this batch; a broken backward never gets there).
     opt = torch.optim.AdamW(compiled.parameters(), lr=3e-3, fused=True)
     losses = []
-    for _ in range(30):
+    while len(losses) < 200 and (not losses or losses[-1] >= 0.5 * losses[0]):
         with autocast(device, "bf16"):
             loss = compiled(*batch)
         loss.backward()
@@ -154,6 +157,7 @@ def check_correctness(cfg: ModelConfig, device: torch.device) -> dict:
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
     out["memorise_loss_first_last"] = [round(losses[0], 4), round(losses[-1], 4)]
+    out["memorise_steps"] = len(losses)
     ok &= losses[-1] < 0.5 * losses[0]
 
     # KV-cache greedy decoding against a full forward per token, in fp32 (the trained model,
@@ -298,23 +302,27 @@ def check_fsdp(out: Path, dry_run: bool, timeout: float) -> dict:
     return {"status": "FAILED", "returncode": proc.returncode, "stderr_tail": proc.stderr[-2000:]}
 
 
-def check_throughput(cfg: RunConfig, device, precision: str, steps: int, out: Path) -> dict:
-    """Train `cfg` on random tokens for `steps` steps; tokens/s and MFU from the last log window."""
+def check_throughput(cfg: RunConfig, device, precision: str, steps: int, out: Path, accum: int = 1,
+                     compile_mode: str | None = None) -> dict:
+    """Train `cfg` on random tokens for `steps` steps of `accum` micro-batches each; tokens/s and
+    MFU from the last log window."""
     t = cfg.train
     t.max_steps, t.warmup_steps, t.log_every = steps, 2, max(1, steps // 3)
     t.checkpoint_every = t.eval_every = t.sample_every = 10**9
     t.sample_prompts, t.compile = [], True
     seq = t.sequence_length(cfg.model)
-    run_dir = out / "throughput"
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    run_dir = out / ("throughput" if accum == 1 else f"throughput-accum{accum}")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     for micro in (t.micro_batch_size, t.micro_batch_size // 2, t.micro_batch_size // 4):
         if micro < 1:
             break
-        t.micro_batch_size, t.tokens_per_step = micro, micro * seq
+        t.micro_batch_size, t.tokens_per_step = micro, micro * seq * accum
         model = None
         try:
-            model = compile_blocks(build(cfg.model, device, seed=t.seed))
+            model = compile_blocks(build(cfg.model, device, seed=t.seed), mode=compile_mode)
             trainer = ThroughputTrainer(
                 cfg,
                 run_dir,
@@ -342,8 +350,10 @@ def check_throughput(cfg: RunConfig, device, precision: str, steps: int, out: Pa
             "params_M": round(model.num_params() / 1e6, 1),
             "seq_len": seq,
             "micro_batch": micro,
+            "accumulation": accum,
             "steps": steps,
             "precision": precision,
+            "compile_mode": compile_mode or "default",
             "tokens_per_s": round(last["tokens_per_s"]),
             "mfu": last.get("mfu"),
             "peak_flops": peak[0] if peak else None,
@@ -364,7 +374,11 @@ def main() -> None:
     ap.add_argument("out", help="folder for gpu_check.json and the runs' metrics")
     ap.add_argument("--dry-run", action="store_true", help="the same steps on CPU with tiny models")
     ap.add_argument("--steps", type=int, default=30, help="throughput steps")
-    ap.add_argument("--micro-batch", type=int, default=8, help="throughput micro-batch (halved on OOM)")
+    ap.add_argument("--micro-batch", type=int, default=16, help="throughput micro-batch (halved on OOM)")
+    ap.add_argument("--accum", type=int, default=4, help="micro-batches a step in the second throughput run")
+    ap.add_argument("--compile-mode", default=None,
+                    help="torch.compile mode of the throughput runs (e.g. max-autotune-no-cudagraphs)")
+    ap.add_argument("--only-throughput", action="store_true", help="skip the correctness and decoding steps")
     ap.add_argument("--fsdp-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     out = Path(args.out)
@@ -397,7 +411,7 @@ def main() -> None:
     results.record("environment", env)
 
     failed = False
-    for name, fn in [
+    for name, fn in [] if args.only_throughput else [
         ("correctness", lambda: check_correctness(TINY if args.dry_run else SMALL, device)),
         ("fsdp_one_device", lambda: check_fsdp(out, args.dry_run, timeout=240 if args.dry_run else 150)),
     ]:
@@ -420,19 +434,39 @@ def main() -> None:
     cfg.train.seq_len = cfg.model.max_seq_len  # 2048 for tinyllama-1.1b
     started = time.perf_counter()
     try:
-        value = check_throughput(cfg, device, precision, steps, out)
+        value = check_throughput(cfg, device, precision, steps, out, compile_mode=args.compile_mode)
     except Exception as e:
         value = failure(e)
     value["seconds"] = round(time.perf_counter() - started, 1)
     failed |= value["status"] == "FAILED"
     results.record("throughput", value)
 
+    # The same at the preset's shape: several micro-batches a step, so that the optimizer step,
+    # the clipping and the per-step sync are paid once per `accum` forward/backward passes.
+    if value["status"] == "ok":
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        cfg.train.micro_batch_size = value["micro_batch"]
+        started = time.perf_counter()
+        try:
+            value = check_throughput(cfg, device, precision, max(3, steps // 3), out, accum=args.accum,
+                                     compile_mode=args.compile_mode)
+        except Exception as e:
+            value = failure(e)
+        value["seconds"] = round(time.perf_counter() - started, 1)
+        failed |= value["status"] == "FAILED"
+        results.record("throughput_accumulated", value)
+
     # Last, so that a slow compilation can only cost its own result.
     started = time.perf_counter()
-    try:
-        value = check_decoding(TINY if args.dry_run else SMALL, device)
-    except Exception as e:
-        value = failure(e)
+    if args.only_throughput:
+        value = {"status": "skipped", "reason": "--only-throughput"}
+    else:
+        try:
+            value = check_decoding(TINY if args.dry_run else SMALL, device)
+        except Exception as e:
+            value = failure(e)
     value["seconds"] = round(time.perf_counter() - started, 1)
     failed |= value["status"] == "FAILED"
     results.record("compiled_decoding", value)

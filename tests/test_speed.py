@@ -95,7 +95,9 @@ def test_gpu_check_dry_run(tmp_path):
     assert steps["correctness"]["status"] == "ok"
     assert steps["correctness"]["kv_cache_matches_full_forward"] is True
     assert steps["fsdp_one_device"]["status"] in ("ok", "skipped")
-    assert steps["throughput"]["status"] == "ok" and steps["throughput"]["tokens_per_s"] > 0
+    for name in ("throughput", "throughput_accumulated"):
+        assert steps[name]["status"] == "ok" and steps[name]["tokens_per_s"] > 0, steps[name]
+    assert steps["throughput_accumulated"]["accumulation"] == 4
     assert "mfu" in steps["throughput"]  # the CPU's measured peak is known
     assert steps["compiled_decoding"]["same_tokens"] is True
     assert results["ok"] is True
