@@ -52,6 +52,12 @@ class CompiledDecoder:
         model.setup_kv_cache(batch, model.cfg.max_seq_len)
         self.caches = model.kv_caches
         model.clear_kv_cache()
+        # The graph's inputs live in buffers of their own: a caller's token of another stride or
+        # integer type is copied in rather than meeting a guard that fails (or, once guards are
+        # skipped, a refusal to recompile).
+        device = model.embed.weight.device
+        self._token = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self._pos = torch.zeros(1, dtype=torch.long, device=device)
         self._compiled = False
         self._step = torch.compile(self._next_logits, fullgraph=True, dynamic=False,
                                    options={"max_autotune": True, "triton.cudagraphs": not on_cpu})
@@ -64,16 +70,20 @@ class CompiledDecoder:
         cache attached to the model (as `generate_stream(..., decoder=)` does)."""
         if self.model.kv_caches is not self.caches:
             raise RuntimeError("attach the decoder's cache first: decode through generate_stream(..., decoder=...)")
-        pos = torch.tensor([pos], device=token.device)
+        if token.shape != self._token.shape:
+            raise ValueError(f"the decoder was compiled for tokens of shape {tuple(self._token.shape)}, "
+                             f"got {tuple(token.shape)}")
+        self._token.copy_(token)
+        self._pos.fill_(pos)
         if self._compiled:
-            # Every call has the same shapes and dtypes (generate_stream checks the batch) and the
-            # weights are constants of the graph, so the guards could only ever pass: evaluating
-            # them on each token costs about a sixth of a small model's step on a CPU.
+            # Every call passes the same buffers and the weights are constants of the graph, so
+            # the guards could only ever pass: evaluating them on each token costs about a sixth
+            # of a small model's step on a CPU.
             with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
-                return self._step(token, pos)
+                return self._step(self._token, self._pos)
         # Freezing is read while tracing too, outside what compile's options reach: set it around the call.
         with torch._inductor.config.patch(self._config):
-            logits = self._step(token, pos)
+            logits = self._step(self._token, self._pos)
         self._compiled = True
         return logits
 

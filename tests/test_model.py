@@ -143,6 +143,18 @@ def test_compiled_decoder_gives_the_eager_tokens():
     with pytest.raises(ValueError, match="batch size"):
         generate(model, prompt[:1], 4, decoder=decoder)
 
+    # A caller's token of another stride or integer type is copied into the step's own input:
+    # the same logits, no recompilation (which the skipped guards would refuse).
+    with torch.inference_mode():
+        model.kv_caches = decoder.caches
+        column = prompt[:, :1]  # strides (9, 1), where decoding passes (1, 1)
+        reference = decoder.step(column.clone(memory_format=torch.contiguous_format), 9)
+        assert torch.equal(decoder.step(column, 9), reference)
+        assert torch.equal(decoder.step(column.int(), 9), reference)
+        with pytest.raises(ValueError, match="shape"):
+            decoder.step(prompt[:, :2], 9)
+        model.clear_kv_cache()
+
 
 def test_init_is_deterministic_and_scaled():
     a, b = build(tiny_cfg(), seed=3), build(tiny_cfg(), seed=3)
