@@ -363,6 +363,12 @@ def check_throughput(cfg: RunConfig, device, precision: str, steps: int, out: Pa
             "first_window_s": round(records[0]["elapsed_s"], 1),
             "final_loss": round(last["loss"], 4),
         }
+        if peak and last.get("mfu") is not None:
+            # TinyLlama's 56% was counted as lit-gpt's estimate_flops counts: 6 FLOPs per token
+            # for every trainable parameter (the embedding table too) plus attention. scion's own
+            # MFU counts matmul parameters only; this one is for comparing with that figure.
+            all_params = 6 * model.num_params() + 12 * cfg.model.n_layer * cfg.model.d_model * seq
+            result["mfu_all_parameters_accounting"] = last["tokens_per_s"] * all_params / peak[0]
         if device.type == "cuda":
             result["max_memory_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
         return result
