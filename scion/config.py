@@ -91,6 +91,7 @@ class TrainConfig:
     adam_eps: float = 1e-8
     grad_clip: float = 1.0  # 0 disables clipping
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 where the device has fast bf16
+    tf32: bool = True  # on GPUs from Ampere on, fp32 matrix products run on TF32 tensor cores; false: IEEE fp32
     compile: bool = False
     device: str = "auto"  # auto, cpu, cuda, cuda:1, mps
     parallel: Literal["none", "ddp", "fsdp"] = "none"

@@ -42,6 +42,10 @@ def setup(cfg: RunConfig) -> Setup:
     world = init_distributed(cfg.train.parallel, device)
     if world.size > 1 and device.type == "cuda":
         device = torch.device("cuda", world.local_rank)
+    if device.type == "cuda":
+        # PyTorch's default is IEEE fp32 products, 8x slower than TF32 on an A100 or H100; the
+        # fp32 parts of a bf16 run and every product of an fp32 run go through these.
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.train.tf32
     return Setup(device, resolve_precision(cfg.train.precision, device), world)
 
 

@@ -101,3 +101,22 @@ def test_gpu_check_dry_run(tmp_path):
     assert "mfu" in steps["throughput"]  # the CPU's measured peak is known
     assert steps["compiled_decoding"]["same_tokens"] is True
     assert results["ok"] is True
+
+
+@pytest.mark.parametrize("name, precision, tf32, expected", [
+    ("NVIDIA H100 80GB HBM3", "bf16", True, (989e12, "H100 bf16 datasheet peak")),
+    ("NVIDIA H100 80GB HBM3", "fp32", True, (494e12, "H100 TF32 datasheet peak")),
+    ("NVIDIA H100 80GB HBM3", "fp32", False, (67e12, "H100 fp32 datasheet peak")),
+    ("NVIDIA H100 PCIe", "bf16", True, (756e12, "H100 PCIe bf16 datasheet peak")),
+    ("NVIDIA A100-SXM4-40GB", "fp32", False, (19.5e12, "A100 fp32 datasheet peak")),
+    ("Tesla V100-SXM2-16GB", "fp32", True, (15.7e12, "V100 fp32 datasheet peak")),  # no TF32 there
+    ("Tesla V100-SXM2-16GB", "bf16", True, None),
+    ("NVIDIA A10G", "fp32", False, None),  # no IEEE fp32 figure in the table: no MFU, not a guess
+    ("Some Future GPU", "bf16", True, None),
+])
+def test_gpu_peak_follows_the_name_precision_and_tf32(monkeypatch, name, precision, tf32, expected):
+    from scion.train.device import peak_flops
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
+    assert peak_flops(torch.device("cuda", 0), precision) == expected

@@ -12,20 +12,22 @@ import torch
 
 from scion.errors import ScionError
 
-# Dense bf16 / fp32 (TF32 where the hardware uses it for fp32 matmuls) peak FLOP/s.
+# Dense peak FLOP/s from the datasheets: bf16 tensor cores; "fp32", matrix products of fp32
+# tensors as scion runs them on GPUs (TF32 tensor cores where the GPU has them, see train.tf32);
+# "fp32-ieee", the same with TF32 switched off. A missing entry means no MFU, never a guess.
 GPU_PEAKS = {
-    "H200": {"bf16": 989e12, "fp32": 494e12},
-    "H100 SXM": {"bf16": 989e12, "fp32": 494e12},
-    "H100 NVL": {"bf16": 835e12, "fp32": 418e12},
-    "H100 PCIe": {"bf16": 756e12, "fp32": 378e12},
-    "H100": {"bf16": 989e12, "fp32": 494e12},
-    "A100": {"bf16": 312e12, "fp32": 156e12},
+    "H200": {"bf16": 989e12, "fp32": 494e12, "fp32-ieee": 67e12},
+    "H100 SXM": {"bf16": 989e12, "fp32": 494e12, "fp32-ieee": 67e12},
+    "H100 NVL": {"bf16": 835e12, "fp32": 418e12, "fp32-ieee": 60e12},
+    "H100 PCIe": {"bf16": 756e12, "fp32": 378e12, "fp32-ieee": 51e12},
+    "H100": {"bf16": 989e12, "fp32": 494e12, "fp32-ieee": 67e12},
+    "A100": {"bf16": 312e12, "fp32": 156e12, "fp32-ieee": 19.5e12},
     "A10G": {"bf16": 70e12, "fp32": 35e12},
-    "L4": {"bf16": 121e12, "fp32": 60e12},
-    "L40S": {"bf16": 362e12, "fp32": 183e12},
+    "L4": {"bf16": 121e12, "fp32": 60e12, "fp32-ieee": 30.3e12},
+    "L40S": {"bf16": 362e12, "fp32": 183e12, "fp32-ieee": 91.6e12},
     "RTX 4090": {"bf16": 165e12, "fp32": 83e12},
     "RTX 3090": {"bf16": 71e12, "fp32": 36e12},
-    "V100": {"bf16": 0.0, "fp32": 15.7e12},
+    "V100": {"bf16": 0.0, "fp32": 15.7e12, "fp32-ieee": 15.7e12},  # no TF32: the same either way
 }
 
 
@@ -75,9 +77,14 @@ def peak_flops(device: torch.device, precision: str) -> tuple[float, str] | None
     """(peak FLOP/s, label) for MFU, or None for an unknown device (no MFU rather than a wrong one)."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
+        column = precision
+        if precision == "fp32" and not torch.backends.cuda.matmul.allow_tf32:
+            column = "fp32-ieee"
         for key, peaks in GPU_PEAKS.items():
-            if key in name and peaks.get(precision):
-                return peaks[precision], f"{key} {precision} datasheet peak"
+            if key in name:
+                tf32 = column == "fp32" and peaks.get("fp32-ieee") != peaks.get("fp32")
+                label = "TF32" if tf32 else column.removesuffix("-ieee")
+                return (peaks[column], f"{key} {label} datasheet peak") if peaks.get(column) else None
         return None
     if device.type == "cpu":
         flops = measured_cpu_peak(precision)
