@@ -120,3 +120,21 @@ def test_gpu_peak_follows_the_name_precision_and_tf32(monkeypatch, name, precisi
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
     assert peak_flops(torch.device("cuda", 0), precision) == expected
+
+
+def test_gpu_profile_dry_run_sorts_the_step_into_kinds(tmp_path):
+    """The profile script's rehearsal on CPU: every kind of work found, each matrix-product shape
+    of the model timed, results written."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_profile.py"), str(tmp_path),
+                           "--dry-run", "--no-compile", "--steps", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads((tmp_path / "gpu_profile.json").read_text())
+    kinds = result["ms_by_kind"]
+    assert {"matrix products", "attention", "optimizer and clipping", "cross-entropy"} <= set(kinds)
+    assert all(ms > 0 for ms in kinds.values())
+    assert 0 < result["ms_busy"] and result["tokens_per_s"] > 0
+    # tiny: q/o 64x64, k/v 64x32, gate/up 64x128, down 128x64, head 64x512
+    assert len(result["matmul_shapes"]) == 5
+    assert result["attention"]["ms_per_layer"] > 0
+    assert "| matrix products |" in proc.stdout

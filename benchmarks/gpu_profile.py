@@ -1,0 +1,242 @@
+"""Where a training step's time goes: kernel time by kind, and each matrix-product shape alone.
+
+    python benchmarks/gpu_profile.py OUT_DIR                        # one CUDA GPU, tinyllama-1.1b
+    python benchmarks/gpu_profile.py OUT_DIR --micro-batch 8 --accum 2
+    python benchmarks/gpu_profile.py OUT_DIR --dry-run              # a tiny model on CPU (rehearsal)
+
+The step is the one `benchmarks/gpu_check.py` times (bf16 autocast over fp32 weights, compiled
+blocks, fused AdamW, clipping): a few steps warm it up (compilation), a few more give its wall
+time, and one more runs under torch.profiler. Every kernel (on CPU: every operator's own time)
+is sorted by its name into matrix products, attention, optimizer and clipping, casts and
+copies, fused element-wise work (inductor's kernels) and the rest; the sum against the wall
+time says how long the device sat idle. Then each distinct matrix-product shape of the model and
+the attention kernel are timed alone, forward and backward, in TFLOP/s: how near the device's
+peak each piece of the step can run at all. Results go to OUT_DIR/gpu_profile.json.
+A few minutes on an H100, most of it compilation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.autograd import DeviceType  # noqa: E402
+
+from scion.config import ModelConfig, preset  # noqa: E402
+from scion.model import Transformer, flops_per_token  # noqa: E402
+from scion.train.compile import compile_blocks  # noqa: E402
+from scion.train.device import autocast, peak_flops  # noqa: E402
+
+TINY = ModelConfig(name="profile-tiny", vocab_size=512, n_layer=2, n_head=4, n_kv_head=2, d_model=64,
+                   ffn_hidden=128, max_seq_len=64)
+
+# Kernel or operator names, lower-cased, by kind; the first kind whose pattern matches wins.
+KINDS = [
+    ("attention", ("flash", "fmha", "sdpa", "attention", "scaled_dot_product")),
+    ("matrix products", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "aten::mm", "aten::addmm",
+                         "aten::bmm", "aten::linear", "mkl")),
+    ("optimizer and clipping", ("adam", "multi_tensor", "foreach", "norm_kernel")),
+    ("cross-entropy", ("log_softmax", "nll_loss", "cross_entropy")),
+    ("casts and copies", ("to_copy", "copy_", "direct_copy", "cast")),
+    ("fused element-wise (compiled)", ("triton", "compiledfxgraph", "cpp_fused")),
+    ("element-wise (eager)", ("elementwise", "reduce_kernel", "aten::mul", "aten::add", "aten::silu",
+                              "aten::pow", "aten::div", "aten::sum", "aten::mean", "aten::rsqrt",
+                              "aten::neg", "aten::cat", "aten::fill_")),
+]
+
+
+def kind_of(name: str) -> str:
+    lowered = name.lower()
+    for kind, patterns in KINDS:
+        if any(p in lowered for p in patterns):
+            return kind
+    return "other"
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+class Step:
+    """One optimizer step of `accum` micro-batches of random tokens, as scion's Trainer runs it."""
+
+    def __init__(self, model: Transformer, device, precision: str, micro: int, seq: int, accum: int):
+        self.model, self.device, self.precision, self.accum = model, device, precision, accum
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+        g = torch.Generator().manual_seed(0)
+        data = torch.randint(0, model.cfg.vocab_size, (accum, micro, seq + 1), generator=g).to(device)
+        self.batches = [(d[:, :-1], d[:, 1:]) for d in data]
+
+    def __call__(self) -> float:
+        total = torch.zeros((), device=self.device)
+        for inputs, targets in self.batches:
+            with autocast(self.device, self.precision):
+                loss = self.model(inputs, targets)
+            (loss / self.accum).backward()
+            total += loss.detach()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return (total / self.accum).item()
+
+
+def profile_step(step: Step, device) -> dict:
+    """Self time per kind over one profiled step (kernels on a GPU, operators on a CPU), in ms."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        step()
+        synchronize(device)
+    by_kind: dict[str, float] = {}
+    top = []
+    for event in prof.key_averages():
+        if device.type == "cuda":
+            if event.device_type != DeviceType.CUDA:
+                continue
+            us = event.self_device_time_total
+        else:
+            # Operators only: the profiler's own wrappers would count their children twice.
+            if not (event.key.startswith("aten::") or "CompiledFxGraph" in event.key
+                    or event.key.startswith("cpp_fused")):
+                continue
+            us = event.self_cpu_time_total
+        if us <= 0:
+            continue
+        kind = kind_of(event.key)
+        by_kind[kind] = by_kind.get(kind, 0.0) + us / 1e3
+        top.append((us / 1e3, event.count, kind, event.key[:110]))
+    top.sort(reverse=True)
+    return {"ms_by_kind": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
+            "top": [{"ms": round(ms, 3), "calls": n, "kind": k, "name": name} for ms, n, k, name in top[:20]]}
+
+
+def time_it(fn, device, repeats: int) -> float:
+    """Median seconds of `fn` over `repeats` runs, after two warm-up runs."""
+    for _ in range(2):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def matmul_shapes(model: Transformer, tokens: int, device, dtype, repeats: int) -> list[dict]:
+    """Each distinct (in, out) matrix product of the model at `tokens` rows, forward and backward."""
+    shapes = sorted({tuple(m.weight.shape) for m in model.modules() if isinstance(m, torch.nn.Linear)})
+    rows = []
+    for out_features, in_features in shapes:
+        x = torch.randn(tokens, in_features, device=device, dtype=dtype, requires_grad=True)
+        w = torch.randn(out_features, in_features, device=device, dtype=dtype, requires_grad=True)
+        grad = torch.randn(tokens, out_features, device=device, dtype=dtype)
+        seconds = time_it(lambda: F.linear(x, w).backward(grad), device, repeats)  # noqa: B023
+        flops = 3 * 2 * tokens * in_features * out_features  # forward, and both gradients
+        rows.append({"shape": f"{tokens} x {in_features} x {out_features}", "ms": round(seconds * 1e3, 3),
+                     "tflop_s": round(flops / seconds / 1e12, 1)})
+    return rows
+
+
+def attention_alone(cfg: ModelConfig, micro: int, seq: int, device, dtype, repeats: int) -> dict:
+    """The model's attention call for one layer, forward and backward; TFLOP/s by the MFU's
+    accounting (the full, not the causal, score matrix: what flops_per_token counts)."""
+    hd, h, kv = cfg.dim_per_head, cfg.n_head, cfg.kv_heads
+    q = torch.randn(micro, h, seq, hd, device=device, dtype=dtype, requires_grad=True)
+    k = torch.randn(micro, kv, seq, hd, device=device, dtype=dtype, requires_grad=True)
+    v = torch.randn(micro, kv, seq, hd, device=device, dtype=dtype, requires_grad=True)
+
+    def run():
+        F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=kv != h).sum().backward()
+
+    seconds = time_it(run, device, repeats)
+    flops = 12 * micro * h * hd * seq * seq
+    return {"shape": f"batch {micro}, {h} heads ({kv} KV), seq {seq}, head dim {hd}",
+            "ms_per_layer": round(seconds * 1e3, 3), "tflop_s_by_mfu_accounting": round(flops / seconds / 1e12, 1),
+            "ms_all_layers": round(seconds * 1e3 * cfg.n_layer, 2)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out", help="folder for gpu_profile.json")
+    ap.add_argument("--dry-run", action="store_true", help="a tiny model on CPU, fp32")
+    ap.add_argument("--preset", default="tinyllama-1.1b")
+    ap.add_argument("--micro-batch", type=int, default=16)
+    ap.add_argument("--accum", type=int, default=2, help="micro-batches in the profiled step")
+    ap.add_argument("--steps", type=int, default=3, help="timed steps (after 2 warm-up steps)")
+    ap.add_argument("--no-compile", action="store_true", help="eager blocks")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    if args.dry_run:
+        device, precision, cfg = torch.device("cpu"), "fp32", TINY
+        micro, dtype = min(args.micro_batch, 4), torch.float32
+        torch.set_num_threads(2)
+    else:
+        if not torch.cuda.is_available():
+            sys.exit("gpu_profile: no CUDA device here; use --dry-run to rehearse on CPU")
+        device, precision, cfg = torch.device("cuda"), "bf16", preset(args.preset).model
+        micro, dtype = args.micro_batch, torch.bfloat16
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    seq = cfg.max_seq_len
+    model = Transformer(cfg)
+    model.init_weights(torch.Generator().manual_seed(0))
+    model.to(device)
+    if not args.no_compile:
+        compile_blocks(model)
+    step = Step(model, device, precision, micro, seq, args.accum)
+
+    started = time.perf_counter()
+    for _ in range(2):
+        step()
+    synchronize(device)
+    warmup = time.perf_counter() - started
+    wall = time_it(step, device, args.steps)
+    tokens = args.accum * micro * seq
+    peak = peak_flops(device, precision)
+    mfu = tokens / wall * flops_per_token(cfg, seq) / peak[0] if peak else None
+    result: dict = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "model": cfg.name, "micro_batch": micro, "accum": args.accum, "seq_len": seq, "precision": precision,
+        "compiled": not args.no_compile, "warmup_s": round(warmup, 1),
+        "step_ms": round(wall * 1e3, 1), "tokens_per_s": round(tokens / wall), "mfu": mfu,
+    }
+    result.update(profile_step(step, device))
+    busy = sum(result["ms_by_kind"].values())
+    result["ms_busy"] = round(busy, 1)
+    result["idle_share"] = max(0.0, 1 - busy / (wall * 1e3)) if device.type == "cuda" else None
+    result["matmul_shapes"] = matmul_shapes(model, micro * seq, device, dtype, repeats=10)
+    result["attention"] = attention_alone(cfg, micro, seq, device, dtype, repeats=10)
+    (out / "gpu_profile.json").write_text(json.dumps(result, indent=1))
+
+    print(f"{result['device']}, {cfg.name}, micro-batch {micro} x {args.accum}, sequence {seq}, {precision}: "
+          f"{result['step_ms']} ms a step, {result['tokens_per_s']:,} tokens/s"
+          + (f", MFU {mfu:.1%}" if mfu is not None else ""))
+    print("\n| kind | ms in the profiled step | share of the step |\n|---|---:|---:|")
+    for kind, ms in result["ms_by_kind"].items():
+        print(f"| {kind} | {ms:.1f} | {ms / result['step_ms']:.1%} |")
+    if result["idle_share"] is not None:
+        print(f"| (device idle) | | {result['idle_share']:.1%} |")
+    print("\n| matrix product (rows x in x out), forward and backward | ms | TFLOP/s |\n|---|---:|---:|")
+    for row in result["matmul_shapes"]:
+        print(f"| {row['shape']} | {row['ms']} | {row['tflop_s']} |")
+    a = result["attention"]
+    print(f"\nattention, {a['shape']}: {a['ms_per_layer']} ms a layer forward and backward, "
+          f"{a['tflop_s_by_mfu_accounting']} TFLOP/s by the MFU's accounting, {a['ms_all_layers']} ms for all layers")
+    print(f"\nresults in {out / 'gpu_profile.json'}")
+
+
+if __name__ == "__main__":
+    main()
