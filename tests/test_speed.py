@@ -113,6 +113,11 @@ def test_gpu_check_dry_run(tmp_path):
     ("Tesla V100-SXM2-16GB", "bf16", True, None),
     ("NVIDIA A10G", "fp32", False, None),  # no IEEE fp32 figure in the table: no MFU, not a guess
     ("Some Future GPU", "bf16", True, None),
+    ("NVIDIA L4", "bf16", True, (121e12, "L4 bf16 datasheet peak")),
+    ("NVIDIA L40S", "bf16", True, (362e12, "L40S bf16 datasheet peak")),  # not the L4's
+    ("NVIDIA L40", "bf16", True, None),  # not in the table, and not an L4 either
+    ("NVIDIA GH200 480GB", "bf16", True, (989e12, "GH200 bf16 datasheet peak")),
+    ("NVIDIA H200", "bf16", True, (989e12, "H200 bf16 datasheet peak")),
 ])
 def test_gpu_peak_follows_the_name_precision_and_tf32(monkeypatch, name, precision, tf32, expected):
     from scion.train.device import peak_flops

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from scion.errors import ScionError
 # tensors as scion runs them on GPUs (TF32 tensor cores where the GPU has them, see train.tf32);
 # "fp32-ieee", the same with TF32 switched off. A missing entry means no MFU, never a guess.
 GPU_PEAKS = {
+    "GH200": {"bf16": 989e12, "fp32": 494e12, "fp32-ieee": 67e12},
     "H200": {"bf16": 989e12, "fp32": 494e12, "fp32-ieee": 67e12},
     "H100 SXM": {"bf16": 989e12, "fp32": 494e12, "fp32-ieee": 67e12},
     "H100 NVL": {"bf16": 835e12, "fp32": 418e12, "fp32-ieee": 60e12},
@@ -81,7 +83,8 @@ def peak_flops(device: torch.device, precision: str) -> tuple[float, str] | None
         if precision == "fp32" and not torch.backends.cuda.matmul.allow_tf32:
             column = "fp32-ieee"
         for key, peaks in GPU_PEAKS.items():
-            if key in name:
+            # The model as a whole word of the name: "L4" is not the "L40S", nor "H200" the "GH200".
+            if re.search(rf"(?<![A-Za-z0-9]){re.escape(key)}(?![A-Za-z0-9])", name):
                 tf32 = column == "fp32" and peaks.get("fp32-ieee") != peaks.get("fp32")
                 label = "TF32" if tf32 else column.removesuffix("-ieee")
                 return (peaks[column], f"{key} {label} datasheet peak") if peaks.get(column) else None
