@@ -17,7 +17,9 @@ results):
      blocks, fused AdamW, through scion's Trainer, reporting tokens/s and MFU as metrics.jsonl
      records them: one micro-batch a step, then `--accum` micro-batches a step (the preset's own
      global batch is 128 of them, so the optimizer step's share is nearly nil there);
-  5. compiled decoding: greedy batch-1 decoding eager and through `CompiledDecoder` (what
+  5. profile: one step of 2 micro-batches profiled, its kernel time sorted by kind, and each
+     matrix-product shape and the attention kernel timed alone (benchmarks/gpu_profile.py);
+  6. compiled decoding: greedy batch-1 decoding eager and through `CompiledDecoder` (what
      `scion generate --compile` uses), the same tokens, and new tokens per second for each.
 """
 
@@ -38,6 +40,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from gpu_profile import profile_training  # noqa: E402  (beside this file)
 
 from scion.config import ModelConfig, RunConfig, preset  # noqa: E402
 from scion.errors import ScionError  # noqa: E402
@@ -417,18 +420,26 @@ def main() -> None:
     results.record("environment", env)
 
     failed = False
-    for name, fn in [] if args.only_throughput else [
-        ("correctness", lambda: check_correctness(TINY if args.dry_run else SMALL, device)),
-        ("fsdp_one_device", lambda: check_fsdp(out, args.dry_run, timeout=240 if args.dry_run else 150)),
-    ]:
+
+    def run(name: str, fn) -> dict:
+        """Run one step and record it; a broken step is a result to record, not the end of the check."""
+        nonlocal failed
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         started = time.perf_counter()
         try:
             value = fn()
-        except Exception as e:  # a broken step is a result to record, not the end of the check
+        except Exception as e:
             value = failure(e)
         value["seconds"] = round(time.perf_counter() - started, 1)
         failed |= value["status"] == "FAILED"
         results.record(name, value)
+        return value
+
+    if not args.only_throughput:
+        run("correctness", lambda: check_correctness(TINY if args.dry_run else SMALL, device))
+        run("fsdp_one_device", lambda: check_fsdp(out, args.dry_run, timeout=240 if args.dry_run else 150))
 
     if args.dry_run:
         cfg = RunConfig(model=replace(TINY, name="tinyllama-shape-tiny"))
@@ -438,44 +449,23 @@ def main() -> None:
         cfg.train.micro_batch_size, precision, steps = args.micro_batch, "bf16", args.steps
         torch.backends.cuda.matmul.allow_tf32 = True
     cfg.train.seq_len = cfg.model.max_seq_len  # 2048 for tinyllama-1.1b
-    started = time.perf_counter()
-    try:
-        value = check_throughput(cfg, device, precision, steps, out, compile_mode=args.compile_mode)
-    except Exception as e:
-        value = failure(e)
-    value["seconds"] = round(time.perf_counter() - started, 1)
-    failed |= value["status"] == "FAILED"
-    results.record("throughput", value)
-
-    # The same at the preset's shape: several micro-batches a step, so that the optimizer step,
-    # the clipping and the per-step sync are paid once per `accum` forward/backward passes.
+    value = run("throughput", lambda: check_throughput(cfg, device, precision, steps, out,
+                                                        compile_mode=args.compile_mode))
     if value["status"] == "ok":
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        # The same at the preset's shape: several micro-batches a step, so that the optimizer
+        # step, the clipping and the per-step sync are paid once per `accum` forward/backward passes.
         cfg.train.micro_batch_size = value["micro_batch"]
-        started = time.perf_counter()
-        try:
-            value = check_throughput(cfg, device, precision, max(3, steps // 3), out, accum=args.accum,
-                                     compile_mode=args.compile_mode)
-        except Exception as e:
-            value = failure(e)
-        value["seconds"] = round(time.perf_counter() - started, 1)
-        failed |= value["status"] == "FAILED"
-        results.record("throughput_accumulated", value)
+        run("throughput_accumulated", lambda: check_throughput(
+            cfg, device, precision, max(3, steps // 3), out, accum=args.accum, compile_mode=args.compile_mode))
+        # Where that step's time goes (benchmarks/gpu_profile.py, at the micro-batch that fit).
+        run("profile", lambda: dict(status="ok", **profile_training(
+            cfg.model, device, precision, cfg.train.micro_batch_size, accum=2, steps=3)))
 
     # Last, so that a slow compilation can only cost its own result.
-    started = time.perf_counter()
     if args.only_throughput:
-        value = {"status": "skipped", "reason": "--only-throughput"}
+        run("compiled_decoding", lambda: {"status": "skipped", "reason": "--only-throughput"})
     else:
-        try:
-            value = check_decoding(TINY if args.dry_run else SMALL, device)
-        except Exception as e:
-            value = failure(e)
-    value["seconds"] = round(time.perf_counter() - started, 1)
-    failed |= value["status"] == "FAILED"
-    results.record("compiled_decoding", value)
+        run("compiled_decoding", lambda: check_decoding(TINY if args.dry_run else SMALL, device))
     results.data["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     results.data["ok"] = not failed
     results.path.write_text(json.dumps(results.data, indent=1))

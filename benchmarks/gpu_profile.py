@@ -166,6 +166,61 @@ def attention_alone(cfg: ModelConfig, micro: int, seq: int, device, dtype, repea
             "ms_all_layers": round(seconds * 1e3 * cfg.n_layer, 2)}
 
 
+def profile_training(cfg: ModelConfig, device, precision: str, micro: int, accum: int, steps: int,
+                     compile: bool = True) -> dict:
+    """Build `cfg`, time its training step and profile one; the results as a dict."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    seq = cfg.max_seq_len
+    model = Transformer(cfg)
+    model.init_weights(torch.Generator().manual_seed(0))
+    model.to(device)
+    if compile:
+        compile_blocks(model)
+    step = Step(model, device, precision, micro, seq, accum)
+
+    started = time.perf_counter()
+    for _ in range(2):
+        step()
+    synchronize(device)
+    warmup = time.perf_counter() - started
+    wall = time_it(step, device, steps)
+    tokens = accum * micro * seq
+    peak = peak_flops(device, precision)
+    mfu = tokens / wall * flops_per_token(cfg, seq) / peak[0] if peak else None
+    result: dict = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "model": cfg.name, "micro_batch": micro, "accum": accum, "seq_len": seq, "precision": precision,
+        "compiled": compile, "warmup_s": round(warmup, 1),
+        "step_ms": round(wall * 1e3, 1), "tokens_per_s": round(tokens / wall), "mfu": mfu,
+    }
+    result.update(profile_step(step, device))
+    busy = sum(result["ms_by_kind"].values())
+    result["ms_busy"] = round(busy, 1)
+    result["idle_share"] = max(0.0, 1 - busy / (wall * 1e3)) if device.type == "cuda" else None
+    result["matmul_shapes"] = matmul_shapes(model, micro * seq, device, dtype, repeats=10)
+    result["attention"] = attention_alone(cfg, micro, seq, device, dtype, repeats=10)
+    return result
+
+
+def print_tables(result: dict) -> None:
+    mfu = result["mfu"]
+    print(f"{result['device']}, {result['model']}, micro-batch {result['micro_batch']} x {result['accum']}, "
+          f"sequence {result['seq_len']}, {result['precision']}: {result['step_ms']} ms a step, "
+          f"{result['tokens_per_s']:,} tokens/s" + (f", MFU {mfu:.1%}" if mfu is not None else ""))
+    print("\n| kind | ms in the profiled step | share of the step |\n|---|---:|---:|")
+    for kind, ms in result["ms_by_kind"].items():
+        print(f"| {kind} | {ms:.1f} | {ms / result['step_ms']:.1%} |")
+    if result["idle_share"] is not None:
+        print(f"| (device idle) | | {result['idle_share']:.1%} |")
+    print("\n| matrix product (rows x in x out), forward and backward | ms | TFLOP/s |\n|---|---:|---:|")
+    for row in result["matmul_shapes"]:
+        print(f"| {row['shape']} | {row['ms']} | {row['tflop_s']} |")
+    a = result["attention"]
+    print(f"\nattention, {a['shape']}: {a['ms_per_layer']} ms a layer forward and backward, "
+          f"{a['tflop_s_by_mfu_accounting']} TFLOP/s by the MFU's accounting, {a['ms_all_layers']} ms for all layers")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out", help="folder for gpu_profile.json")
@@ -180,61 +235,16 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
 
     if args.dry_run:
-        device, precision, cfg = torch.device("cpu"), "fp32", TINY
-        micro, dtype = min(args.micro_batch, 4), torch.float32
+        device, precision, cfg, micro = torch.device("cpu"), "fp32", TINY, min(args.micro_batch, 4)
         torch.set_num_threads(2)
     else:
         if not torch.cuda.is_available():
             sys.exit("gpu_profile: no CUDA device here; use --dry-run to rehearse on CPU")
-        device, precision, cfg = torch.device("cuda"), "bf16", preset(args.preset).model
-        micro, dtype = args.micro_batch, torch.bfloat16
+        device, precision, cfg, micro = torch.device("cuda"), "bf16", preset(args.preset).model, args.micro_batch
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    seq = cfg.max_seq_len
-    model = Transformer(cfg)
-    model.init_weights(torch.Generator().manual_seed(0))
-    model.to(device)
-    if not args.no_compile:
-        compile_blocks(model)
-    step = Step(model, device, precision, micro, seq, args.accum)
-
-    started = time.perf_counter()
-    for _ in range(2):
-        step()
-    synchronize(device)
-    warmup = time.perf_counter() - started
-    wall = time_it(step, device, args.steps)
-    tokens = args.accum * micro * seq
-    peak = peak_flops(device, precision)
-    mfu = tokens / wall * flops_per_token(cfg, seq) / peak[0] if peak else None
-    result: dict = {
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        "torch": torch.__version__,
-        "model": cfg.name, "micro_batch": micro, "accum": args.accum, "seq_len": seq, "precision": precision,
-        "compiled": not args.no_compile, "warmup_s": round(warmup, 1),
-        "step_ms": round(wall * 1e3, 1), "tokens_per_s": round(tokens / wall), "mfu": mfu,
-    }
-    result.update(profile_step(step, device))
-    busy = sum(result["ms_by_kind"].values())
-    result["ms_busy"] = round(busy, 1)
-    result["idle_share"] = max(0.0, 1 - busy / (wall * 1e3)) if device.type == "cuda" else None
-    result["matmul_shapes"] = matmul_shapes(model, micro * seq, device, dtype, repeats=10)
-    result["attention"] = attention_alone(cfg, micro, seq, device, dtype, repeats=10)
+    result = profile_training(cfg, device, precision, micro, args.accum, args.steps, compile=not args.no_compile)
     (out / "gpu_profile.json").write_text(json.dumps(result, indent=1))
-
-    print(f"{result['device']}, {cfg.name}, micro-batch {micro} x {args.accum}, sequence {seq}, {precision}: "
-          f"{result['step_ms']} ms a step, {result['tokens_per_s']:,} tokens/s"
-          + (f", MFU {mfu:.1%}" if mfu is not None else ""))
-    print("\n| kind | ms in the profiled step | share of the step |\n|---|---:|---:|")
-    for kind, ms in result["ms_by_kind"].items():
-        print(f"| {kind} | {ms:.1f} | {ms / result['step_ms']:.1%} |")
-    if result["idle_share"] is not None:
-        print(f"| (device idle) | | {result['idle_share']:.1%} |")
-    print("\n| matrix product (rows x in x out), forward and backward | ms | TFLOP/s |\n|---|---:|---:|")
-    for row in result["matmul_shapes"]:
-        print(f"| {row['shape']} | {row['ms']} | {row['tflop_s']} |")
-    a = result["attention"]
-    print(f"\nattention, {a['shape']}: {a['ms_per_layer']} ms a layer forward and backward, "
-          f"{a['tflop_s_by_mfu_accounting']} TFLOP/s by the MFU's accounting, {a['ms_all_layers']} ms for all layers")
+    print_tables(result)
     print(f"\nresults in {out / 'gpu_profile.json'}")
 
 
