@@ -42,7 +42,7 @@ KINDS = [
     ("attention", ("flash", "fmha", "sdpa", "attention", "scaled_dot_product")),
     ("matrix products", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "aten::mm", "aten::addmm",
                          "aten::bmm", "aten::linear", "mkl")),
-    ("optimizer and clipping", ("adam", "multi_tensor", "foreach", "norm_kernel")),
+    ("optimizer and clipping", ("adam", "multi_tensor", "foreach", "lpnorm", "norm_kernel")),
     ("cross-entropy", ("log_softmax", "nll_loss", "cross_entropy")),
     ("casts and copies", ("to_copy", "copy_", "direct_copy", "cast")),
     ("fused element-wise (compiled)", ("triton", "compiledfxgraph", "cpp_fused")),
