@@ -144,3 +144,15 @@ def test_gpu_profile_dry_run_sorts_the_step_into_kinds(tmp_path):
     assert len(result["matmul_shapes"]) == 5
     assert result["attention"]["ms_per_layer"] > 0
     assert "| matrix products |" in proc.stdout
+
+
+def test_micro_batch_hint_doubles_only_what_fits_and_keeps_the_global_batch():
+    from scion.train.device import micro_batch_hint
+
+    # tinyllama-1.1b on an H100 80GB: 36.9 GiB peak at micro-batch 8 with ~12 GiB of weights and
+    # AdamW state held between steps; micro-batch 16 then measured 59.5 GiB and ran faster.
+    hint = micro_batch_hint(36.9, 12.3, 79.2, micro=8, accum=128)
+    assert hint and "--micro-batch-size 16" in hint and "36.9 of 79.2 GiB" in hint
+    assert micro_batch_hint(59.5, 12.3, 79.2, micro=16, accum=64) is None  # twice 16 would not fit
+    assert micro_batch_hint(20.0, 5.0, 79.2, micro=8, accum=1) is None  # nothing to halve
+    assert micro_batch_hint(20.0, 5.0, 79.2, micro=8, accum=3) is None  # odd: the global batch would change

@@ -51,7 +51,8 @@ def test_training_reduces_loss_and_writes_the_run_layout(tiny_run):
     steps = [r.step for r in ckpt.list_checkpoints(tiny_run)]
     assert steps == [4, 8]
     record = json.loads((tiny_run / "metrics.jsonl").read_text().splitlines()[0])
-    assert {"step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "mfu"} <= set(record)
+    assert {"step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "max_rss_GiB"} <= set(record)
+    assert 0 < record["max_rss_GiB"] < 64  # the process's peak resident memory, in GiB
 
 
 def test_stopped_and_resumed_run_equals_uninterrupted_run(tmp_path, corpus, cache_dir, run_scion, monkeypatch):

@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -123,3 +124,31 @@ def measured_cpu_peak(precision: str) -> float:
     except OSError:
         pass
     return best
+
+
+def memory_record(device: torch.device) -> dict:
+    """Peak memory so far, for metrics.jsonl: the process's resident set (host memory) and, on a
+    GPU, the most memory PyTorch's tensors held on this rank's device at once."""
+    record = {}
+    try:
+        import resource
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        record["max_rss_GiB"] = rss / (2**30 if sys.platform == "darwin" else 2**20)  # bytes on macOS, KiB on Linux
+    except ImportError:  # Windows
+        pass
+    if device.type == "cuda":
+        record["max_memory_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return record
+
+
+def micro_batch_hint(peak_gib: float, held_gib: float, total_gib: float, micro: int, accum: int) -> str | None:
+    """A line suggesting twice the micro-batch when it would fit with room to spare, and the
+    accumulation can halve to keep the global batch. `held_gib` is what stays allocated between
+    steps (weights, optimizer state); the rest of the peak, activations above all, grows with the
+    micro-batch, so twice the micro-batch needs about 2 x peak - held."""
+    if accum % 2 or 2 * peak_gib - held_gib > 0.9 * total_gib:
+        return None
+    return (f"peak GPU memory {peak_gib:.1f} of {total_gib:.1f} GiB at micro-batch {micro}: "
+            f"--micro-batch-size {2 * micro} would likely fit and usually runs faster (larger "
+            f"products, half the accumulation steps; the global batch stays the same)")

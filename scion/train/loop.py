@@ -36,7 +36,7 @@ from scion.errors import ScionError
 from scion.faults import fault_point
 from scion.generate import generate
 from scion.model import Transformer, flops_per_token
-from scion.train.device import autocast, peak_flops
+from scion.train.device import autocast, memory_record, micro_batch_hint, peak_flops
 from scion.train.guards import UPDATE, Divergence, Guards
 from scion.train.optim import build_optimizer, lr_at
 
@@ -278,6 +278,7 @@ class Trainer:
         fpt = flops_per_token(self.cfg.model, self.seq_len)
         peak = peak_flops(self.device, self.precision)
         installed = []
+        hinted = False  # the micro-batch hint, once a run, after the first logged window on a GPU
         if hasattr(signal, "SIGTERM"):  # every rank: torchrun passes the signal on to all of them
             for sig in (signal.SIGTERM, signal.SIGINT):
                 try:
@@ -334,7 +335,16 @@ class Trainer:
                     }
                     if peak:
                         record["mfu"] = tps / self.world.size * fpt / peak[0]
+                    record.update(memory_record(self.device))
                     self.metrics.write(record)
+                    if self.device.type == "cuda" and not hinted:
+                        hinted = True
+                        total = torch.cuda.get_device_properties(self.device).total_memory / 2**30
+                        held = torch.cuda.memory_allocated(self.device) / 2**30
+                        hint = micro_batch_hint(record["max_memory_GiB"], held, total, t.micro_batch_size,
+                                                self.accum)
+                        if hint and self.world.main:
+                            self.log(hint)
                     bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
                     if not interactive:
                         self.log(_format_record(record, t.max_steps))
@@ -478,5 +488,7 @@ class Trainer:
 
 def _format_record(r: dict, max_steps: int) -> str:
     mfu = f" | mfu {r['mfu'] * 100:.1f}%" if "mfu" in r else ""
+    memory = r.get("max_memory_GiB", r.get("max_rss_GiB"))
+    memory = f" | mem {memory:.1f} GiB" if memory is not None else ""
     return (f"step {r['step']}/{max_steps} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | "
-            f"grad {r['grad_norm']:.2f} | {r['tokens_per_s']:,.0f} tok/s{mfu}")
+            f"grad {r['grad_norm']:.2f} | {r['tokens_per_s']:,.0f} tok/s{mfu}{memory}")
