@@ -49,7 +49,7 @@ def test_report_holds_every_section(runs, tmp_path):
     index = write_report(runs, tmp_path / "report")
     page = index.read_text()
     sources = image_sources(page)
-    expected = {"loss.png", "lr.png", "grad_norm.png", "throughput.png", "eval.png", "lazy-compare.png",
+    expected = {"loss.png", "lr.png", "grad_norm.png", "throughput.png", "memory.png", "eval.png", "lazy-compare.png",
                 "lazy-0-layers.png", "lazy-0-heatmaps.png", "lazy-1-layers.png", "lazy-1-heatmaps.png"}
     assert set(sources) == expected
     for name in sources:

@@ -1,7 +1,7 @@
 """A self-contained report of one or several runs: index.html beside its PNG figures.
 
 It reads only the run directory's files (see scion.run): metrics.jsonl (training and validation
-loss, learning rate, gradient norm, tokens/s, MFU), samples.jsonl (the continuations sampled
+loss, learning rate, gradient norm, tokens/s, MFU, peak memory), samples.jsonl (the continuations sampled
 during training), eval/*.json (benchmark scores, whatever of them is there) and lazy/ (the
 output of `scion lazy`). Whatever is missing is left out, with a note; several runs share each
 chart, one colour per run.
@@ -216,6 +216,17 @@ def _figures(runs: list[RunData], out: Path) -> dict[str, Path]:
             _axes(axes[0][1], "model FLOPs utilisation", "MFU (%)")
         save(fig, "throughput.png")
 
+    if any(_series(run.train, "max_rss_GiB")[0] or _series(run.train, "max_memory_GiB")[0] for run in runs):
+        fig, ax = plt.subplots(figsize=(8, 3.2))
+        for run in runs:
+            for key, style, what in (("max_memory_GiB", "-", "GPU tensors"), ("max_rss_GiB", "--", "host RSS")):
+                x, y = _series(run.train, key)
+                if x:
+                    ax.plot(x, y, color=colours[run.name], ls=style, lw=1.2, label=f"{run.name} {what}")
+        _axes(ax, "peak memory so far", "GiB")
+        ax.set_ylim(bottom=0)
+        save(fig, "memory.png")
+
     tasks = sorted({task for run in runs for result in run.evals for task in result.scores})
     if tasks:
         ncols = min(4, len(tasks))
@@ -382,6 +393,8 @@ def write_report(run_dirs: list[str | Path], out: str | Path) -> Path:
                  _img(figures, "grad_norm", "gradient norm against tokens")]
     if "throughput" in figures:
         body += ["<h2>Throughput</h2>", _img(figures, "throughput", "tokens per second and MFU")]
+    if "memory" in figures:
+        body += ["<h2>Memory</h2>", _img(figures, "memory", "peak memory against tokens")]
     body += ["<h2>Samples during training</h2>"] + [_samples_section(run) for run in runs]
     if "eval" in figures:
         body += ["<h2>Evaluation</h2>", _img(figures, "eval", "evaluation scores across checkpoints"),
