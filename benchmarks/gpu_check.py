@@ -40,7 +40,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-from gpu_profile import profile_training  # noqa: E402  (beside this file)
+from gpu_profile import print_tables, profile_training  # noqa: E402  (beside this file)
 
 from scion.config import ModelConfig, RunConfig, preset  # noqa: E402
 from scion.errors import ScionError  # noqa: E402
@@ -458,8 +458,12 @@ def main() -> None:
         run("throughput_accumulated", lambda: check_throughput(
             cfg, device, precision, max(3, steps // 3), out, accum=args.accum, compile_mode=args.compile_mode))
         # Where that step's time goes (benchmarks/gpu_profile.py, at the micro-batch that fit).
-        run("profile", lambda: dict(status="ok", **profile_training(
-            cfg.model, device, precision, cfg.train.micro_batch_size, accum=2, steps=3)))
+        def profile() -> dict:
+            result = profile_training(cfg.model, device, precision, cfg.train.micro_batch_size, accum=2, steps=3)
+            print_tables(result)
+            return {"status": "ok", **result}
+
+        run("profile", profile)
 
     # Last, so that a slow compilation can only cost its own result.
     if args.only_throughput:
