@@ -1,7 +1,9 @@
-"""Shared helpers for the benchmarks: the transformers twin of a scion model."""
+"""Shared helpers for the benchmarks: the transformers twin of a scion model, and scion's
+Trainer on random tokens set up to measure training alone."""
 
 from __future__ import annotations
 
+import copy
 import sys
 from pathlib import Path
 
@@ -9,8 +11,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from scion.config import ModelConfig  # noqa: E402
+from scion.config import ModelConfig, RunConfig  # noqa: E402
 from scion.interop.llama import LlamaAdapter  # noqa: E402
+from scion.train.loop import Trainer  # noqa: E402
+
+# The dry runs' model: the tinyllama shape (GQA, SwiGLU, RoPE) at a size a CPU compiles in seconds.
+TINY = ModelConfig(name="check-tiny", vocab_size=512, n_layer=2, n_head=4, n_kv_head=2, d_model=64,
+                   ffn_hidden=128, max_seq_len=64)
 
 
 def hf_llama(m: ModelConfig, scion_model: torch.nn.Module | None = None):
@@ -30,3 +37,38 @@ def hf_llama(m: ModelConfig, scion_model: torch.nn.Module | None = None):
         if m.tie_embeddings:
             model.tie_weights()
     return model
+
+
+class RandomTokens:
+    """Batches of uniformly random tokens, a pure function of the global sample number."""
+
+    def __init__(self, vocab_size: int, seq_len: int, seed: int = 0):
+        self.vocab_size, self.seq_len, self.seed = vocab_size, seq_len, seed
+
+    def batch(self, start: int, size: int):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + start)
+        data = torch.randint(0, self.vocab_size, (size, self.seq_len + 1), generator=g)
+        return data[:, :-1], data[:, 1:]
+
+
+class ThroughputTrainer(Trainer):
+    """The Trainer, minus checkpoint writing: the benchmarks measure training, not the disk."""
+
+    def save(self, milestone: bool = False):
+        return None
+
+
+def throughput_trainer(cfg: RunConfig, model, run_dir: Path, device, precision: str, *, micro: int,
+                       accum: int, steps: int, log=None) -> ThroughputTrainer:
+    """scion's Trainer on random tokens for `steps` steps of `accum` micro-batches of `micro`
+    sequences, logging a third of the way through and never evaluating, sampling or saving."""
+    cfg = copy.deepcopy(cfg)
+    t = cfg.train
+    t.max_steps, t.warmup_steps, t.log_every = steps, 2, max(1, steps // 3)
+    t.checkpoint_every = t.eval_every = t.sample_every = 10**9
+    t.sample_prompts = []
+    seq = t.sequence_length(cfg.model)
+    t.micro_batch_size, t.tokens_per_step = micro, micro * seq * accum
+    return ThroughputTrainer(cfg, run_dir, model, RandomTokens(cfg.model.vocab_size, seq), device=device,
+                             precision=precision, progress=False,
+                             log=log or (lambda m: print("   ", m, flush=True)))

@@ -40,25 +40,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-from gpu_profile import print_tables, profile_training  # noqa: E402  (beside this file)
+from common import TINY, RandomTokens, ThroughputTrainer, throughput_trainer  # noqa: E402  (beside this file)
+from gpu_profile import print_tables, profile_training  # noqa: E402
 
 from scion.config import ModelConfig, RunConfig, preset  # noqa: E402
 from scion.errors import ScionError  # noqa: E402
 from scion.model import Transformer, flops_per_token  # noqa: E402
 from scion.train.compile import compile_blocks  # noqa: E402
 from scion.train.device import autocast, peak_flops  # noqa: E402
-from scion.train.loop import Trainer, World  # noqa: E402
+from scion.train.loop import World  # noqa: E402
 
-TINY = ModelConfig(
-    name="check-tiny",
-    vocab_size=512,
-    n_layer=2,
-    n_head=4,
-    n_kv_head=2,
-    d_model=64,
-    ffn_hidden=128,
-    max_seq_len=64,
-)
 SMALL = ModelConfig(
     name="check-small",
     vocab_size=4096,
@@ -69,25 +60,6 @@ SMALL = ModelConfig(
     ffn_hidden=1408,
     max_seq_len=512,
 )
-
-
-class RandomTokens:
-    """Batches of uniformly random tokens, a pure function of the global sample number."""
-
-    def __init__(self, vocab_size: int, seq_len: int, seed: int = 0):
-        self.vocab_size, self.seq_len, self.seed = vocab_size, seq_len, seed
-
-    def batch(self, start: int, size: int):
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + start)
-        data = torch.randint(0, self.vocab_size, (size, self.seq_len + 1), generator=g)
-        return data[:, :-1], data[:, 1:]
-
-
-class ThroughputTrainer(Trainer):
-    """The Trainer, minus checkpoint writing: the check measures training, not the disk."""
-
-    def save(self, milestone: bool = False):
-        return None
 
 
 class Results:
@@ -309,33 +281,21 @@ def check_throughput(cfg: RunConfig, device, precision: str, steps: int, out: Pa
                      compile_mode: str | None = None) -> dict:
     """Train `cfg` on random tokens for `steps` steps of `accum` micro-batches each; tokens/s and
     MFU from the last log window."""
-    t = cfg.train
-    t.max_steps, t.warmup_steps, t.log_every = steps, 2, max(1, steps // 3)
-    t.checkpoint_every = t.eval_every = t.sample_every = 10**9
-    t.sample_prompts, t.compile = [], True
-    seq = t.sequence_length(cfg.model)
+    seq = cfg.train.sequence_length(cfg.model)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     run_dir = out / ("throughput" if accum == 1 else f"throughput-accum{accum}")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-    for micro in (t.micro_batch_size, t.micro_batch_size // 2, t.micro_batch_size // 4):
+    first = cfg.train.micro_batch_size
+    for micro in (first, first // 2, first // 4):
         if micro < 1:
             break
-        t.micro_batch_size, t.tokens_per_step = micro, micro * seq * accum
         model = None
         try:
-            model = compile_blocks(build(cfg.model, device, seed=t.seed), mode=compile_mode)
-            trainer = ThroughputTrainer(
-                cfg,
-                run_dir,
-                model,
-                RandomTokens(cfg.model.vocab_size, seq),
-                device=device,
-                precision=precision,
-                progress=False,
-                log=lambda m: print("   ", m, flush=True),
-            )
+            model = compile_blocks(build(cfg.model, device, seed=cfg.train.seed), mode=compile_mode)
+            trainer = throughput_trainer(cfg, model, run_dir, device, precision, micro=micro, accum=accum,
+                                         steps=steps)
             started = time.perf_counter()
             trainer.fit()
             wall = time.perf_counter() - started
@@ -459,7 +419,7 @@ def main() -> None:
             cfg, device, precision, max(3, steps // 3), out, accum=args.accum, compile_mode=args.compile_mode))
         # Where that step's time goes (benchmarks/gpu_profile.py, at the micro-batch that fit).
         def profile() -> dict:
-            result = profile_training(cfg.model, device, precision, cfg.train.micro_batch_size, accum=2, steps=3)
+            result = profile_training(cfg, device, precision, cfg.train.micro_batch_size, accum=2, steps=3)
             print_tables(result)
             return {"status": "ok", **result}
 

@@ -4,7 +4,7 @@
     python benchmarks/gpu_profile.py OUT_DIR --micro-batch 8 --accum 2
     python benchmarks/gpu_profile.py OUT_DIR --dry-run              # a tiny model on CPU (rehearsal)
 
-The step is the one `benchmarks/gpu_check.py` times (bf16 autocast over fp32 weights, compiled
+The step is scion's own Trainer step, as `benchmarks/gpu_check.py` times it (bf16 autocast, compiled
 blocks, fused AdamW, clipping): a few steps warm it up (compilation), a few more give its wall
 time, and one more runs under torch.profiler. Every kernel (on CPU: every operator's own time)
 is sorted by its name into matrix products, attention, optimizer and clipping, casts and
@@ -27,15 +27,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from common import TINY, throughput_trainer  # noqa: E402  (beside this file)
 from torch.autograd import DeviceType  # noqa: E402
 
-from scion.config import ModelConfig, preset  # noqa: E402
+from scion.config import ModelConfig, RunConfig, preset  # noqa: E402
 from scion.model import Transformer, flops_per_token  # noqa: E402
 from scion.train.compile import compile_blocks  # noqa: E402
-from scion.train.device import autocast, peak_flops  # noqa: E402
-
-TINY = ModelConfig(name="profile-tiny", vocab_size=512, n_layer=2, n_head=4, n_kv_head=2, d_model=64,
-                   ffn_hidden=128, max_seq_len=64)
+from scion.train.device import peak_flops  # noqa: E402
 
 # Kernel or operator names, lower-cased, by kind; the first kind whose pattern matches wins.
 KINDS = [
@@ -65,30 +63,7 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-class Step:
-    """One optimizer step of `accum` micro-batches of random tokens, as scion's Trainer runs it."""
-
-    def __init__(self, model: Transformer, device, precision: str, micro: int, seq: int, accum: int):
-        self.model, self.device, self.precision, self.accum = model, device, precision, accum
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-        g = torch.Generator().manual_seed(0)
-        data = torch.randint(0, model.cfg.vocab_size, (accum, micro, seq + 1), generator=g).to(device)
-        self.batches = [(d[:, :-1], d[:, 1:]) for d in data]
-
-    def __call__(self) -> float:
-        total = torch.zeros((), device=self.device)
-        for inputs, targets in self.batches:
-            with autocast(self.device, self.precision):
-                loss = self.model(inputs, targets)
-            (loss / self.accum).backward()
-            total += loss.detach()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return (total / self.accum).item()
-
-
-def profile_step(step: Step, device) -> dict:
+def profile_step(step, device) -> dict:
     """Self time per kind over one profiled step (kernels on a GPU, operators on a CPU), in ms."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
@@ -170,17 +145,19 @@ def attention_alone(cfg: ModelConfig, micro: int, seq: int, device, dtype, repea
             "ms_all_layers": round(seconds * 1e3 * cfg.n_layer, 2)}
 
 
-def profile_training(cfg: ModelConfig, device, precision: str, micro: int, accum: int, steps: int,
-                     compile: bool = True) -> dict:
-    """Build `cfg`, time its training step and profile one; the results as a dict."""
+def profile_training(cfg: RunConfig, device, precision: str, micro: int, accum: int, steps: int,
+                     compile: bool = True, run_dir: Path | None = None) -> dict:
+    """Build `cfg`'s model, time scion's training step on it and profile one; the results as a dict."""
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    seq = cfg.max_seq_len
-    model = Transformer(cfg)
+    model = Transformer(cfg.model)
     model.init_weights(torch.Generator().manual_seed(0))
     model.to(device)
     if compile:
         compile_blocks(model)
-    step = Step(model, device, precision, micro, seq, accum)
+    # Nothing is written to run_dir: the steps run one by one, outside fit().
+    trainer = throughput_trainer(cfg, model, run_dir or Path("profile"), device, precision, micro=micro,
+                                 accum=accum, steps=10**6)
+    step, seq = trainer._step, trainer.seq_len  # one optimizer step: accumulation, clipping, guards, AdamW
 
     started = time.perf_counter()
     for _ in range(2):
@@ -190,11 +167,11 @@ def profile_training(cfg: ModelConfig, device, precision: str, micro: int, accum
     wall = time_it(step, device, steps)
     tokens = accum * micro * seq
     peak = peak_flops(device, precision)
-    mfu = tokens / wall * flops_per_token(cfg, seq) / peak[0] if peak else None
+    mfu = tokens / wall * flops_per_token(cfg.model, seq) / peak[0] if peak else None
     result: dict = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
-        "model": cfg.name, "micro_batch": micro, "accum": accum, "seq_len": seq, "precision": precision,
+        "model": cfg.model.name, "micro_batch": micro, "accum": accum, "seq_len": seq, "precision": precision,
         "compiled": compile, "warmup_s": round(warmup, 1),
         "step_ms": round(wall * 1e3, 1), "tokens_per_s": round(tokens / wall), "mfu": mfu,
     }
@@ -203,7 +180,7 @@ def profile_training(cfg: ModelConfig, device, precision: str, micro: int, accum
     result["ms_busy"] = round(busy, 1)
     result["idle_share"] = max(0.0, 1 - busy / (wall * 1e3)) if device.type == "cuda" else None
     result["matmul_shapes"] = matmul_shapes(model, micro * seq, device, dtype, repeats=10)
-    result["attention"] = attention_alone(cfg, micro, seq, device, dtype, repeats=10)
+    result["attention"] = attention_alone(cfg.model, micro, seq, device, dtype, repeats=10)
     return result
 
 
@@ -239,14 +216,15 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
 
     if args.dry_run:
-        device, precision, cfg, micro = torch.device("cpu"), "fp32", TINY, min(args.micro_batch, 4)
+        device, precision, cfg, micro = torch.device("cpu"), "fp32", RunConfig(model=TINY), min(args.micro_batch, 4)
         torch.set_num_threads(2)
     else:
         if not torch.cuda.is_available():
             sys.exit("gpu_profile: no CUDA device here; use --dry-run to rehearse on CPU")
-        device, precision, cfg, micro = torch.device("cuda"), "bf16", preset(args.preset).model, args.micro_batch
+        device, precision, cfg, micro = torch.device("cuda"), "bf16", preset(args.preset), args.micro_batch
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    result = profile_training(cfg, device, precision, micro, args.accum, args.steps, compile=not args.no_compile)
+    result = profile_training(cfg, device, precision, micro, args.accum, args.steps, compile=not args.no_compile,
+                              run_dir=out / "profile")
     (out / "gpu_profile.json").write_text(json.dumps(result, indent=1))
     print_tables(result)
     print(f"\nresults in {out / 'gpu_profile.json'}")
