@@ -14,6 +14,11 @@ import torch
 
 from scion.errors import ScionError
 
+try:
+    import resource  # peak resident memory; not on Windows
+except ImportError:
+    resource = None
+
 # Dense peak FLOP/s from the datasheets: bf16 tensor cores; "fp32", matrix products of fp32
 # tensors as scion runs them on GPUs (TF32 tensor cores where the GPU has them, see train.tf32);
 # "fp32-ieee", the same with TF32 switched off. A missing entry means no MFU, never a guess.
@@ -130,13 +135,9 @@ def memory_record(device: torch.device) -> dict:
     """Peak memory so far, for metrics.jsonl: the process's resident set (host memory) and, on a
     GPU, the most memory PyTorch's tensors held on this rank's device at once."""
     record = {}
-    try:
-        import resource
-
+    if resource is not None:
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         record["max_rss_GiB"] = rss / (2**30 if sys.platform == "darwin" else 2**20)  # bytes on macOS, KiB on Linux
-    except ImportError:  # Windows
-        pass
     if device.type == "cuda":
         record["max_memory_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
     return record

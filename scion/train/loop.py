@@ -278,7 +278,7 @@ class Trainer:
         fpt = flops_per_token(self.cfg.model, self.seq_len)
         peak = peak_flops(self.device, self.precision)
         installed = []
-        hinted = False  # the micro-batch hint, once a run, after the first logged window on a GPU
+        hinted = False  # the micro-batch hint: once a run, after the first logged window
         if hasattr(signal, "SIGTERM"):  # every rank: torchrun passes the signal on to all of them
             for sig in (signal.SIGTERM, signal.SIGINT):
                 try:
@@ -337,14 +337,9 @@ class Trainer:
                         record["mfu"] = tps / self.world.size * fpt / peak[0]
                     record.update(memory_record(self.device))
                     self.metrics.write(record)
-                    if self.device.type == "cuda" and not hinted:
+                    if not hinted:
                         hinted = True
-                        total = torch.cuda.get_device_properties(self.device).total_memory / 2**30
-                        held = torch.cuda.memory_allocated(self.device) / 2**30
-                        hint = micro_batch_hint(record["max_memory_GiB"], held, total, t.micro_batch_size,
-                                                self.accum)
-                        if hint and self.world.main:
-                            self.log(hint)
+                        self._suggest_micro_batch(record)
                     bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
                     if not interactive:
                         self.log(_format_record(record, t.max_steps))
@@ -432,6 +427,16 @@ class Trainer:
         self.state.step += 1
         self.state.tokens += self.global_batch * self.seq_len
         return loss_value, norm_value
+
+    def _suggest_micro_batch(self, record: dict) -> None:
+        """On a GPU with room for twice the micro-batch, say so (see `micro_batch_hint`)."""
+        if self.device.type != "cuda":
+            return
+        total = torch.cuda.get_device_properties(self.device).total_memory / 2**30
+        held = torch.cuda.memory_allocated(self.device) / 2**30
+        hint = micro_batch_hint(record["max_memory_GiB"], held, total, self.tcfg.micro_batch_size, self.accum)
+        if hint:
+            self.log(hint)  # the main rank's
 
     @torch.no_grad()
     def evaluate(self, bar=None) -> float | None:
