@@ -13,6 +13,7 @@ import torch  # noqa: E402
 
 from scion.config import ModelConfig, RunConfig  # noqa: E402
 from scion.interop.llama import LlamaAdapter  # noqa: E402
+from scion.model import Transformer  # noqa: E402
 from scion.train.loop import Trainer  # noqa: E402
 
 # The dry runs' model: the tinyllama shape (GQA, SwiGLU, RoPE) at a size a CPU compiles in seconds.
@@ -37,6 +38,13 @@ def hf_llama(m: ModelConfig, scion_model: torch.nn.Module | None = None):
         if m.tie_embeddings:
             model.tie_weights()
     return model
+
+
+def build(cfg: ModelConfig, device, seed: int = 0) -> Transformer:
+    """A freshly initialised scion model on `device`."""
+    model = Transformer(cfg)
+    model.init_weights(torch.Generator().manual_seed(seed))
+    return model.to(device)
 
 
 class RandomTokens:

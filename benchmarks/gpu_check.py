@@ -40,12 +40,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-from common import TINY, RandomTokens, ThroughputTrainer, throughput_trainer  # noqa: E402  (beside this file)
+from common import TINY, RandomTokens, ThroughputTrainer, build, throughput_trainer  # noqa: E402  (beside this file)
 from gpu_profile import print_tables, profile_training  # noqa: E402
 
 from scion.config import ModelConfig, RunConfig, preset  # noqa: E402
 from scion.errors import ScionError  # noqa: E402
-from scion.model import Transformer, flops_per_token  # noqa: E402
+from scion.model import flops_per_token  # noqa: E402
 from scion.train.compile import compile_blocks  # noqa: E402
 from scion.train.device import autocast, peak_flops  # noqa: E402
 from scion.train.loop import World  # noqa: E402
@@ -77,12 +77,6 @@ class Results:
 
 def failure(e: Exception) -> dict:
     return {"status": "FAILED", "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-2000:]}
-
-
-def build(cfg: ModelConfig, device, seed: int = 0) -> Transformer:
-    model = Transformer(cfg)
-    model.init_weights(torch.Generator().manual_seed(seed))
-    return model.to(device)
 
 
 def loss_and_grads(model, batch, device, precision):

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from common import TINY, throughput_trainer  # noqa: E402  (beside this file)
+from common import TINY, build, throughput_trainer  # noqa: E402  (beside this file)
 from torch.autograd import DeviceType  # noqa: E402
 
 from scion.config import ModelConfig, RunConfig, preset  # noqa: E402
@@ -149,9 +149,7 @@ def profile_training(cfg: RunConfig, device, precision: str, micro: int, accum: 
                      compile: bool = True, run_dir: Path | None = None) -> dict:
     """Build `cfg`'s model, time scion's training step on it and profile one; the results as a dict."""
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    model = Transformer(cfg.model)
-    model.init_weights(torch.Generator().manual_seed(0))
-    model.to(device)
+    model = build(cfg.model, device)
     if compile:
         compile_blocks(model)
     # Nothing is written to run_dir: the steps run one by one, outside fit().
