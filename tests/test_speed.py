@@ -3,16 +3,18 @@ KV cache decodes exactly as full forwards do, and the one-GPU check script rehea
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
 
-from scion.config import ModelConfig
+from scion.config import ModelConfig, preset
 from scion.generate import generate
 from scion.model import Transformer
 from scion.train.compile import compile_blocks
@@ -144,6 +146,31 @@ def test_gpu_profile_dry_run_sorts_the_step_into_kinds(tmp_path):
     assert len(result["matmul_shapes"]) == 5
     assert result["attention"]["ms_per_layer"] > 0
     assert "| matrix products |" in proc.stdout
+
+
+def test_cpu_gemm_benchmark_covers_every_product_of_the_step():
+    """benchmarks/cpu_gemm.py's list of products is the real step's: a forward and two backward
+    products for each of the model's linear layers, 6 FLOPs per weight per token in all."""
+    spec = importlib.util.spec_from_file_location("cpu_gemm", ROOT / "benchmarks" / "cpu_gemm.py")
+    cpu_gemm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cpu_gemm)
+    cfg = preset("small")
+    tokens = cfg.train.micro_batch_size * cfg.train.sequence_length(cfg.model)
+    with torch.device("meta"):
+        model = Transformer(cfg.model)
+    linears = [m.weight.shape for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    products = cpu_gemm.step_products(cfg)
+    assert sum(2 * m * k * n * count for _, m, k, n, count in products) == 6 * tokens * sum(
+        out * d_in for out, d_in in linears
+    )
+    forward = Counter()
+    for name, _, k, n, count in products:
+        if name.endswith("forward"):
+            forward[(k, n)] += count
+    assert forward == Counter((d_in, out) for out, d_in in linears)
+    one = [("x forward", 8, 16, 4, 1), ("x weight grad", 4, 8, 16, 1)]
+    for lib in ("torch", "numpy"):
+        assert all(t > 0 for t in cpu_gemm.time_products(lib, one, threads=1, repeats=1))
 
 
 def test_micro_batch_hint_doubles_only_what_fits_and_keeps_the_global_batch():
