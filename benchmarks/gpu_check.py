@@ -17,6 +17,8 @@ results):
      blocks, fused AdamW, through scion's Trainer, reporting tokens/s and MFU as metrics.jsonl
      records them: one micro-batch a step, then `--accum` micro-batches a step (the preset's own
      global batch is 128 of them, so the optimizer step's share is nearly nil there);
+     then one micro-batch a step again with the residual stream in bf16 between blocks, as
+     training with bf16 parameters has it (an experiment: scion's autocast keeps it fp32);
   5. profile: one step of 2 micro-batches profiled, its kernel time sorted by kind, and each
      matrix-product shape and the attention kernel timed alone (benchmarks/gpu_profile.py);
   6. compiled decoding: greedy batch-1 decoding eager and through `CompiledDecoder` (what
@@ -271,14 +273,29 @@ def check_fsdp(out: Path, dry_run: bool, timeout: float) -> dict:
     return {"status": "FAILED", "returncode": proc.returncode, "stderr_tail": proc.stderr[-2000:]}
 
 
+def residual_in_autocast_dtype(model) -> None:
+    """Under autocast, cast the embedding's output to the autocast dtype, so that the residual
+    stream between blocks (and what they save for backward) is bf16 rather than fp32: what
+    training with bf16 parameters gives (FSDP's bf16 `param_dtype`, as TinyLlama and torchtitan
+    train), measured here on the plain model as an experiment."""
+
+    def cast(module, args, output):
+        kind = output.device.type
+        return output.to(torch.get_autocast_dtype(kind)) if torch.is_autocast_enabled(kind) else output
+
+    model.embed.register_forward_hook(cast)
+
+
 def check_throughput(cfg: RunConfig, device, precision: str, steps: int, out: Path, accum: int = 1,
-                     compile_mode: str | None = None) -> dict:
+                     compile_mode: str | None = None, bf16_residual: bool = False) -> dict:
     """Train `cfg` on random tokens for `steps` steps of `accum` micro-batches each; tokens/s and
-    MFU from the last log window."""
+    MFU from the last log window. `bf16_residual`: see `residual_in_autocast_dtype`."""
     seq = cfg.train.sequence_length(cfg.model)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     run_dir = out / ("throughput" if accum == 1 else f"throughput-accum{accum}")
+    if bf16_residual:
+        run_dir = run_dir.with_name(run_dir.name + "-bf16-residual")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     first = cfg.train.micro_batch_size
@@ -287,7 +304,10 @@ def check_throughput(cfg: RunConfig, device, precision: str, steps: int, out: Pa
             break
         model = None
         try:
-            model = compile_blocks(build(cfg.model, device, seed=cfg.train.seed), mode=compile_mode)
+            model = build(cfg.model, device, seed=cfg.train.seed)
+            if bf16_residual:
+                residual_in_autocast_dtype(model)
+            model = compile_blocks(model, mode=compile_mode)
             trainer = throughput_trainer(cfg, model, run_dir, device, precision, micro=micro, accum=accum,
                                          steps=steps)
             started = time.perf_counter()
@@ -311,6 +331,7 @@ def check_throughput(cfg: RunConfig, device, precision: str, steps: int, out: Pa
             "steps": steps,
             "precision": precision,
             "compile_mode": compile_mode or "default",
+            "residual_stream": "autocast dtype" if bf16_residual else "fp32",
             "tokens_per_s": round(last["tokens_per_s"]),
             "mfu": last.get("mfu"),
             "peak_flops": peak[0] if peak else None,
@@ -411,6 +432,10 @@ def main() -> None:
         cfg.train.micro_batch_size = value["micro_batch"]
         run("throughput_accumulated", lambda: check_throughput(
             cfg, device, precision, max(3, steps // 3), out, accum=args.accum, compile_mode=args.compile_mode))
+        # An experiment for the 55% MFU target: the same step with a bf16 residual stream
+        # (bf16 in the dry run too, so that the rehearsal exercises the cast).
+        run("throughput_bf16_residual", lambda: check_throughput(
+            cfg, device, "bf16", steps, out, compile_mode=args.compile_mode, bf16_residual=True))
         # Where that step's time goes (benchmarks/gpu_profile.py, at the micro-batch that fit).
         def profile() -> dict:
             result = profile_training(cfg, device, precision, cfg.train.micro_batch_size, accum=2, steps=3)

@@ -100,6 +100,9 @@ def test_gpu_check_dry_run(tmp_path):
     for name in ("throughput", "throughput_accumulated"):
         assert steps[name]["status"] == "ok" and steps[name]["tokens_per_s"] > 0, steps[name]
     assert steps["throughput_accumulated"]["accumulation"] == 4
+    bf16_residual = steps["throughput_bf16_residual"]
+    assert bf16_residual["status"] == "ok" and bf16_residual["residual_stream"] == "autocast dtype"
+    assert bf16_residual["precision"] == "bf16" and steps["throughput"]["residual_stream"] == "fp32"
     assert steps["profile"]["status"] == "ok" and steps["profile"]["ms_by_kind"]["matrix products"] > 0
     assert "mfu" in steps["throughput"]  # the CPU's measured peak is known
     assert steps["compiled_decoding"]["same_tokens"] is True
