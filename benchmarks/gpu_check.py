@@ -17,8 +17,8 @@ results):
      blocks, fused AdamW, through scion's Trainer, reporting tokens/s and MFU as metrics.jsonl
      records them: one micro-batch a step, then `--accum` micro-batches a step (the preset's own
      global batch is 128 of them, so the optimizer step's share is nearly nil there);
-     then one micro-batch a step again with the residual stream in bf16 between blocks, as
-     training with bf16 parameters has it (an experiment: scion's autocast keeps it fp32);
+     then the accumulated run again with the residual stream in bf16 between blocks, as training
+     with bf16 parameters has it (an experiment: scion's autocast keeps it fp32);
   5. profile: one step of 2 micro-batches profiled, its kernel time sorted by kind, and each
      matrix-product shape and the attention kernel timed alone (benchmarks/gpu_profile.py);
   6. compiled decoding: greedy batch-1 decoding eager and through `CompiledDecoder` (what
@@ -434,8 +434,10 @@ def main() -> None:
             cfg, device, precision, max(3, steps // 3), out, accum=args.accum, compile_mode=args.compile_mode))
         # An experiment for the 55% MFU target: the same step with a bf16 residual stream
         # (bf16 in the dry run too, so that the rehearsal exercises the cast).
+        # At the accumulated run's shape, so that the two compare directly.
         run("throughput_bf16_residual", lambda: check_throughput(
-            cfg, device, "bf16", steps, out, compile_mode=args.compile_mode, bf16_residual=True))
+            cfg, device, "bf16", max(3, steps // 3), out, accum=args.accum, compile_mode=args.compile_mode,
+            bf16_residual=True))
         # Where that step's time goes (benchmarks/gpu_profile.py, at the micro-batch that fit).
         def profile() -> dict:
             result = profile_training(cfg, device, precision, cfg.train.micro_batch_size, accum=2, steps=3)

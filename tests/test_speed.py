@@ -102,7 +102,8 @@ def test_gpu_check_dry_run(tmp_path):
     assert steps["throughput_accumulated"]["accumulation"] == 4
     bf16_residual = steps["throughput_bf16_residual"]
     assert bf16_residual["status"] == "ok" and bf16_residual["residual_stream"] == "autocast dtype"
-    assert bf16_residual["precision"] == "bf16" and steps["throughput"]["residual_stream"] == "fp32"
+    assert bf16_residual["precision"] == "bf16" and bf16_residual["accumulation"] == 4
+    assert steps["throughput_accumulated"]["residual_stream"] == "fp32"
     assert steps["profile"]["status"] == "ok" and steps["profile"]["ms_by_kind"]["matrix products"] > 0
     assert "mfu" in steps["throughput"]  # the CPU's measured peak is known
     assert steps["compiled_decoding"]["same_tokens"] is True
@@ -174,6 +175,24 @@ def test_cpu_gemm_benchmark_covers_every_product_of_the_step():
     one = [("x forward", 8, 16, 4, 1), ("x weight grad", 4, 8, 16, 1)]
     for lib in ("torch", "numpy"):
         assert all(t > 0 for t in cpu_gemm.time_products(lib, one, threads=1, repeats=1))
+
+
+@pytest.mark.slow
+def test_saved_activations_benchmark_sees_the_residual_stream_dtype():
+    """benchmarks/saved_activations.py: a compiled block keeps its fp32 input (and the rotary
+    tables in the same dtype) for backward; a bf16 residual stream halves exactly those."""
+    spec = importlib.util.spec_from_file_location("saved", ROOT / "benchmarks" / "saved_activations.py")
+    saved = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(saved)
+    seq = 24
+    kept = {dtype: saved.saved_by_block(CFG, seq, dtype) for dtype in (torch.float32, torch.bfloat16)}
+    inputs = {dtype: [t for t in per_token if t[0] == (1, seq, CFG.d_model)] for dtype, (per_token, _) in kept.items()}
+    assert inputs[torch.float32][0][1] == torch.float32 and inputs[torch.bfloat16][0][1] == torch.bfloat16
+    per_token_bytes = {dtype: sum(t[2] for t in per_token) for dtype, (per_token, _) in kept.items()}
+    halved = seq * CFG.d_model + 2 * seq * CFG.dim_per_head  # the input, the cos and sin tables
+    assert per_token_bytes[torch.float32] - per_token_bytes[torch.bfloat16] == halved * 2
+    weight_copies = kept[torch.float32][1]
+    assert weight_copies > 0 and weight_copies == kept[torch.bfloat16][1]
 
 
 def test_micro_batch_hint_doubles_only_what_fits_and_keeps_the_global_batch():
