@@ -205,3 +205,53 @@ def test_micro_batch_hint_doubles_only_what_fits_and_keeps_the_global_batch():
     assert micro_batch_hint(59.5, 12.3, 79.2, micro=16, accum=64) is None  # twice 16 would not fit
     assert micro_batch_hint(20.0, 5.0, 79.2, micro=8, accum=1) is None  # nothing to halve
     assert micro_batch_hint(20.0, 5.0, 79.2, micro=8, accum=3) is None  # odd: the global batch would change
+
+
+def test_cpu_peak_is_cached_per_cpu_model_and_only_ever_raised(tmp_path, monkeypatch):
+    """The measured CPU peak belongs to one CPU model (a cache can outlive a machine), and a figure
+    measured on a busy machine is replaced when measured again, never lowered."""
+    from scion.train import device
+
+    monkeypatch.setenv("SCION_CACHE", str(tmp_path))
+    monkeypatch.setattr(device, "cpu_model", lambda: "Test CPU 1")
+    first = device.measured_cpu_peak("fp32")
+    known = json.loads((tmp_path / "cpu_peak.json").read_text())
+    (key,) = known
+    assert "Test CPU 1" in key and known[key] == first > 0
+    known[key] = 1.0  # as if measured while the machine was busy
+    (tmp_path / "cpu_peak.json").write_text(json.dumps(known))
+    assert device.measured_cpu_peak("fp32") == 1.0  # the cache is trusted ...
+    again = device.measured_cpu_peak("fp32", refresh=True)  # ... until asked to measure again
+    assert again > 1.0 and json.loads((tmp_path / "cpu_peak.json").read_text())[key] == again
+    known = json.loads((tmp_path / "cpu_peak.json").read_text())
+    known[key] = 1e18  # a figure above anything measurable stays
+    (tmp_path / "cpu_peak.json").write_text(json.dumps(known))
+    assert device.measured_cpu_peak("fp32", refresh=True) == 1e18
+    monkeypatch.setattr(device, "cpu_model", lambda: "Test CPU 2")
+    device.measured_cpu_peak("fp32")
+    assert len(json.loads((tmp_path / "cpu_peak.json").read_text())) == 2
+
+
+def test_a_run_faster_than_the_cached_cpu_peak_measures_it_again(tmp_path, corpus, cache_dir, monkeypatch, capfd):
+    """A peak cached while the machine was busy would give an MFU far above 100%: the run measures
+    the peak again, and reports MFU only where it is at most 100%."""
+    from scion.pretrain import pretrain
+    from scion.train import device
+    from tests.test_train import tiny_config
+
+    calls = []
+    measure = device.measured_cpu_peak
+
+    def stale_until_refreshed(precision, refresh=False):
+        calls.append(refresh)
+        return measure(precision, refresh=True) if refresh else 1.0  # 1 FLOP/s: the busy machine's figure
+
+    monkeypatch.setattr(device, "measured_cpu_peak", stale_until_refreshed)
+    cfg = tiny_config(corpus, max_steps=4, log_every=2, eval_every=100, checkpoint_every=100)
+    run_dir, _, _ = pretrain(cfg, tmp_path / "run", resume=False, progress=False)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    windows = [r for r in records if "tokens_per_s" in r]
+    assert len(windows) == 2 and calls == [False, True]  # measured again once, not every window
+    assert all(0 < r["mfu"] <= 1 for r in windows) or all("mfu" not in r for r in windows)
+    log = capfd.readouterr().err
+    assert "measured again" in log or "no MFU is reported" in log

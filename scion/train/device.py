@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import platform
 import re
 import sys
 import time
@@ -81,8 +82,9 @@ def autocast(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
-def peak_flops(device: torch.device, precision: str) -> tuple[float, str] | None:
-    """(peak FLOP/s, label) for MFU, or None for an unknown device (no MFU rather than a wrong one)."""
+def peak_flops(device: torch.device, precision: str, refresh: bool = False) -> tuple[float, str] | None:
+    """(peak FLOP/s, label) for MFU, or None for an unknown device (no MFU rather than a wrong one).
+    `refresh` measures a CPU's peak again rather than taking the cached figure."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         column = precision
@@ -96,36 +98,57 @@ def peak_flops(device: torch.device, precision: str) -> tuple[float, str] | None
                 return (peaks[column], f"{key} {label} datasheet peak") if peaks.get(column) else None
         return None
     if device.type == "cpu":
-        flops = measured_cpu_peak(precision)
+        flops = measured_cpu_peak(precision, refresh)
         return flops, f"CPU {precision} matmul peak, measured ({torch.get_num_threads()} threads)"
     return None
 
 
-def measured_cpu_peak(precision: str) -> float:
-    """The CPU's matmul FLOP/s at this thread count, measured once and cached on disk."""
+def cpu_model() -> str:
+    """The CPU's model name: a measured peak belongs to it (a cache can outlive a machine)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def measured_cpu_peak(precision: str, refresh: bool = False) -> float:
+    """The CPU's matmul FLOP/s in `precision` at this thread count, measured once per CPU model,
+    thread count and torch version and cached on disk; `refresh` measures again.
+
+    The probe takes the faster of PyTorch's two products, `a @ b` and `F.linear` (nn.Linear's, with
+    the weight transposed): in bf16 on a CPU without native bf16 they differ by an order of
+    magnitude, and a peak below the model's own products would give an MFU above 100%. The cache
+    keeps the highest figure measured, since a busy machine can only measure too low.
+    """
+    from scion.data.sources import cache_root
+
     threads = torch.get_num_threads()
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "scion" / "cpu_peak.json"
-    key = f"{precision}-{threads}-{torch.__version__}"
+    cache = cache_root() / "cpu_peak.json"
+    key = f"{precision} {threads} threads, torch {torch.__version__}, {cpu_model()}"
     try:
         known = json.loads(cache.read_text())
     except (OSError, json.JSONDecodeError):
         known = {}
-    if key in known:
+    if key in known and not refresh:
         return known[key]
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    n = 1024 if precision == "fp32" else 512  # emulated bf16 is slow: keep the probe short
+    n = 1024 if precision == "fp32" else 512  # an emulated bf16 product can be slow: keep the probe short
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    best = 0.0
-    for _ in range(3):
-        start = time.perf_counter()
-        for _ in range(4):
-            a @ b
-        best = max(best, 4 * 2 * n**3 / (time.perf_counter() - start))
+    best = known.get(key, 0.0)
+    for product in (torch.matmul, torch.nn.functional.linear):
+        product(a, b)
+        for _ in range(3):
+            start = time.perf_counter()
+            for _ in range(2):
+                product(a, b)
+            best = max(best, 2 * 2 * n**3 / (time.perf_counter() - start))
     known[key] = best
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps(known))
+        cache.write_text(json.dumps(known, indent=1))
     except OSError:
         pass
     return best
