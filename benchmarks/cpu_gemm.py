@@ -111,10 +111,13 @@ def main() -> None:
     import torch
 
     blas = re.search(r"BLAS_INFO=(\w+)", torch.__config__.show())
+    try:  # NumPy 1.25 and later say which BLAS they were built with
+        numpy_blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]["name"]
+    except (TypeError, KeyError):
+        numpy_blas = "BLAS unknown"
     print(
         f"torch {torch.__version__} (BLAS: {blas.group(1) if blas else 'unknown'}), numpy {np.__version__} "
-        f"({np.show_config(mode='dicts')['Build Dependencies']['blas']['name']}), {args.threads} threads, "
-        f"preset {args.preset}: {tokens} tokens a step"
+        f"({numpy_blas}), {args.threads} threads, preset {args.preset}: {tokens} tokens a step"
     )
     print("\n| product | m x k x n | per step | torch GFLOP/s | numpy GFLOP/s |")
     print("|---|---|---:|---:|---:|")
