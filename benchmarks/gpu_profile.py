@@ -3,6 +3,7 @@
     python benchmarks/gpu_profile.py OUT_DIR                        # one CUDA GPU, tinyllama-1.1b
     python benchmarks/gpu_profile.py OUT_DIR --micro-batch 8 --accum 2
     python benchmarks/gpu_profile.py OUT_DIR --dry-run              # a tiny model on CPU (rehearsal)
+    python benchmarks/gpu_profile.py OUT_DIR --cpu --preset small --micro-batch 8 --accum 1   # the CPU's split
 
 The step is scion's own Trainer step, as `benchmarks/gpu_check.py` times it (bf16 autocast, compiled
 blocks, fused AdamW, clipping): a few steps warm it up (compilation), a few more give its wall
@@ -120,7 +121,7 @@ def matmul_shapes(model: Transformer, tokens: int, device, dtype, repeats: int) 
         seconds = time_it(lambda: torch.autograd.grad(F.linear(x, w), (x, w), grad), device, repeats)  # noqa: B023
         flops = 3 * 2 * tokens * in_features * out_features  # forward, and both gradients
         rows.append({"shape": f"{tokens} x {in_features} x {out_features}", "ms": round(seconds * 1e3, 3),
-                     "tflop_s": round(flops / seconds / 1e12, 1)})
+                     "tflop_s": float(f"{flops / seconds / 1e12:.3g}")})
     return rows
 
 
@@ -141,7 +142,8 @@ def attention_alone(cfg: ModelConfig, micro: int, seq: int, device, dtype, repea
     seconds = time_it(run, device, repeats)
     flops = 12 * micro * h * hd * seq * seq
     return {"shape": f"batch {micro}, {h} heads ({kv} KV), seq {seq}, head dim {hd}",
-            "ms_per_layer": round(seconds * 1e3, 3), "tflop_s_by_mfu_accounting": round(flops / seconds / 1e12, 1),
+            "ms_per_layer": round(seconds * 1e3, 3),
+            "tflop_s_by_mfu_accounting": float(f"{flops / seconds / 1e12:.3g}"),
             "ms_all_layers": round(seconds * 1e3 * cfg.n_layer, 2)}
 
 
@@ -204,6 +206,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out", help="folder for gpu_profile.json")
     ap.add_argument("--dry-run", action="store_true", help="a tiny model on CPU, fp32")
+    ap.add_argument("--cpu", action="store_true", help="--preset on this machine's CPU, fp32")
     ap.add_argument("--preset", default="tinyllama-1.1b")
     ap.add_argument("--micro-batch", type=int, default=16)
     ap.add_argument("--accum", type=int, default=2, help="micro-batches in the profiled step")
@@ -216,6 +219,8 @@ def main() -> None:
     if args.dry_run:
         device, precision, cfg, micro = torch.device("cpu"), "fp32", RunConfig(model=TINY), min(args.micro_batch, 4)
         torch.set_num_threads(2)
+    elif args.cpu:
+        device, precision, cfg, micro = torch.device("cpu"), "fp32", preset(args.preset), args.micro_batch
     else:
         if not torch.cuda.is_available():
             sys.exit("gpu_profile: no CUDA device here; use --dry-run to rehearse on CPU")
