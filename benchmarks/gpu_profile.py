@@ -135,16 +135,24 @@ def attention_alone(cfg: ModelConfig, micro: int, seq: int, device, dtype, repea
 
     grad = torch.randn(micro, h, seq, hd, device=device, dtype=dtype)
 
-    def run():
+    def run():  # as scion.model calls it
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=kv != h)
+        torch.autograd.grad(out, (q, k, v), grad)
+
+    def run_expanded():  # the alternative for grouped-query attention: K/V copied to every head
+        k_all, v_all = k.repeat_interleave(h // kv, 1), v.repeat_interleave(h // kv, 1)
+        out = F.scaled_dot_product_attention(q, k_all, v_all, is_causal=True)
         torch.autograd.grad(out, (q, k, v), grad)
 
     seconds = time_it(run, device, repeats)
     flops = 12 * micro * h * hd * seq * seq
-    return {"shape": f"batch {micro}, {h} heads ({kv} KV), seq {seq}, head dim {hd}",
-            "ms_per_layer": round(seconds * 1e3, 3),
-            "tflop_s_by_mfu_accounting": float(f"{flops / seconds / 1e12:.3g}"),
-            "ms_all_layers": round(seconds * 1e3 * cfg.n_layer, 2)}
+    result = {"shape": f"batch {micro}, {h} heads ({kv} KV), seq {seq}, head dim {hd}",
+              "ms_per_layer": round(seconds * 1e3, 3),
+              "tflop_s_by_mfu_accounting": float(f"{flops / seconds / 1e12:.3g}"),
+              "ms_all_layers": round(seconds * 1e3 * cfg.n_layer, 2)}
+    if kv != h:
+        result["ms_per_layer_kv_expanded"] = round(time_it(run_expanded, device, repeats) * 1e3, 3)
+    return result
 
 
 def profile_training(cfg: RunConfig, device, precision: str, micro: int, accum: int, steps: int,
@@ -200,6 +208,8 @@ def print_tables(result: dict) -> None:
     a = result["attention"]
     print(f"\nattention, {a['shape']}: {a['ms_per_layer']} ms a layer forward and backward, "
           f"{a['tflop_s_by_mfu_accounting']} TFLOP/s by the MFU's accounting, {a['ms_all_layers']} ms for all layers")
+    if "ms_per_layer_kv_expanded" in a:
+        print(f"  with K/V expanded to every head first: {a['ms_per_layer_kv_expanded']} ms a layer")
 
 
 def main() -> None:
