@@ -149,6 +149,7 @@ def test_gpu_profile_dry_run_sorts_the_step_into_kinds(tmp_path):
     # tiny: q/o 64x64, k/v 64x32, gate/up 64x128, down 128x64, head 64x512
     assert len(result["matmul_shapes"]) == 5
     assert result["attention"]["ms_per_layer"] > 0
+    assert result["attention"]["ms_per_layer_kv_expanded"] > 0  # tiny has 4 heads over 2 KV heads
     assert "| matrix products |" in proc.stdout
 
 
