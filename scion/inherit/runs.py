@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from scion import checkpoint as ckpt
+from scion.cache import cache_root
 from scion.config import RunConfig
-from scion.data.sources import cache_root
 from scion.errors import ScionError
 from scion.model import Transformer
 from scion.pretrain import Setup, build_model, log, start_run, train

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from scion.cache import cache_root
 from scion.errors import ScionError
 
 try:
@@ -54,13 +55,18 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def _cpuinfo() -> str:
+    """Linux's description of the CPU (empty elsewhere)."""
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
 def cpu_has_fast_bf16() -> bool:
     """bf16 only pays on CPUs with native bf16 matmul (AVX512-BF16 or AMX); elsewhere it is
     emulated and several times slower than fp32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
+    flags = _cpuinfo()
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
@@ -105,12 +111,9 @@ def peak_flops(device: torch.device, precision: str, refresh: bool = False) -> t
 
 def cpu_model() -> str:
     """The CPU's model name: a measured peak belongs to it (a cache can outlive a machine)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
+    for line in _cpuinfo().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
@@ -123,8 +126,6 @@ def measured_cpu_peak(precision: str, refresh: bool = False) -> float:
     magnitude, and a peak below the model's own products would give an MFU above 100%. The cache
     keeps the highest figure measured, since a busy machine can only measure too low.
     """
-    from scion.data.sources import cache_root
-
     threads = torch.get_num_threads()
     cache = cache_root() / "cpu_peak.json"
     key = f"{precision} {threads} threads, torch {torch.__version__}, {cpu_model()}"
