@@ -21,30 +21,32 @@ import os
 import re
 import sys
 import time
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import torch  # noqa: E402
+
 from scion.config import preset  # noqa: E402
-from scion.model import flops_per_token  # noqa: E402
+from scion.model import Transformer, flops_per_token  # noqa: E402
 
 
 def step_products(cfg) -> list[tuple[str, int, int, int, int]]:
-    """(name, m, k, n, count) for each distinct [m, k] @ [k, n] product of one training step."""
-    m_cfg = cfg.model
-    tokens = cfg.train.micro_batch_size * cfg.train.sequence_length(m_cfg)
-    d, heads, layers = m_cfg.d_model, m_cfg.n_head * m_cfg.dim_per_head, m_cfg.n_layer
-    linears = {  # name: (in, out, how many per step)
-        "q": (d, heads, layers),
-        "o": (heads, d, layers),
-        "k, v": (d, m_cfg.kv_heads * m_cfg.dim_per_head, 2 * layers),
-        "gate, up": (d, m_cfg.ffn_hidden, 2 * layers),
-        "down": (m_cfg.ffn_hidden, d, layers),
-        "output": (m_cfg.d_model, m_cfg.vocab_size, 1),
-    }
+    """(name, m, k, n, count) for each distinct [m, k] @ [k, n] product of one training step: the
+    forward product and both gradients' of every linear layer of the model (built on the meta
+    device, so nothing is allocated)."""
+    tokens = cfg.train.micro_batch_size * cfg.train.sequence_length(cfg.model)
+    with torch.device("meta"):
+        model = Transformer(cfg.model)
+    layers = Counter(  # (layer name, out, in): how many of the model's linear layers
+        (name.rsplit(".", 1)[-1], *module.weight.shape)
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear)
+    )
     products = []
-    for name, (d_in, d_out, count) in linears.items():
+    for (name, d_out, d_in), count in layers.items():
         products.append((f"{name} forward", tokens, d_in, d_out, count))  # x @ W^T
         products.append((f"{name} input grad", tokens, d_out, d_in, count))  # dy @ W
         products.append((f"{name} weight grad", d_out, tokens, d_in, count))  # dy^T @ x
@@ -58,7 +60,6 @@ def time_products(lib: str, products: list, threads: int, repeats: int) -> list[
     after its last call, and would steal the cores from the other library's next product.
     """
     import numpy as np
-    import torch
 
     torch.set_num_threads(threads)
     rng = np.random.default_rng(0)
@@ -108,7 +109,6 @@ def main() -> None:
             times[lib] = [min(t, g) for t, g in zip(times[lib], got, strict=True)]
 
     import numpy as np
-    import torch
 
     blas = re.search(r"BLAS_INFO=(\w+)", torch.__config__.show())
     try:  # NumPy 1.25 and later say which BLAS they were built with
