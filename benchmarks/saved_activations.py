@@ -21,12 +21,12 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
 import torch  # noqa: E402
+from common import build  # noqa: E402  (beside this file)
 
 from scion.config import preset  # noqa: E402
-from scion.model import Transformer  # noqa: E402
 from scion.train.compile import compile_blocks  # noqa: E402
 
 
@@ -34,9 +34,7 @@ def saved_by_block(cfg, seq: int, residual: torch.dtype) -> tuple[list[tuple[tup
     """(shape, dtype, bytes) of each distinct activation one compiled block saves for a sequence
     of `seq` tokens, and the bytes of the saved tensors that have no token dimension."""
     torch._dynamo.reset()
-    model = Transformer(replace(cfg, n_layer=1, max_seq_len=seq))
-    model.init_weights(torch.Generator().manual_seed(0))
-    compile_blocks(model)
+    model = compile_blocks(build(replace(cfg, n_layer=1, max_seq_len=seq), "cpu"))
     block = model.blocks[0]
     x = torch.randn(1, seq, cfg.d_model, dtype=residual, requires_grad=True)
     rope = (model.rope_cos[:seq].to(residual), model.rope_sin[:seq].to(residual))
