@@ -15,6 +15,24 @@ ROOT = Path(__file__).resolve().parents[1]
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
+# SCION_TEST_PRECISION=bf16 makes every CPU run left at `--precision auto`, in this process and in
+# the `scion` subprocesses, train in bf16 as a CPU with AMX or AVX512-BF16 does; fp32, as a CPU
+# without them does. Unset, each machine takes its own path. Tests that name a precision keep it.
+TEST_PRECISION = os.environ.get("SCION_TEST_PRECISION", "").strip()
+if TEST_PRECISION not in ("", "bf16", "fp32"):
+    raise pytest.UsageError(f"SCION_TEST_PRECISION={TEST_PRECISION!r}: use bf16 or fp32, or leave it unset")
+if TEST_PRECISION:
+    os.environ["SCION_CPU_BF16"] = "1" if TEST_PRECISION == "bf16" else "0"
+
+# The two numeric paths a CPU can take; tests of what differs by precision run both.
+PRECISIONS = ["fp32", "bf16"]
+
+
+def pytest_report_header(config) -> str:
+    from scion.train.device import describe_machine
+
+    return f"scion: {describe_machine()}"
+
 # A tiny model that trains in seconds: pass these to `scion pretrain` in tests.
 TINY_ARGS = [
     "--model.vocab-size", "512", "--model.n-layer", "2", "--model.n-head", "4", "--model.n-kv-head", "2",

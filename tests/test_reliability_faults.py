@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_ARGS, scion_env
+from conftest import PRECISIONS, TINY_ARGS, scion_env
 from safetensors.torch import load_file
 
 from scion import checkpoint as ckpt
@@ -92,16 +92,27 @@ def assert_same_run(run: Path, reference: Path, steps: int = STEPS) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, run_scion, corpus) -> Path:
-    out = tmp_path_factory.mktemp("faults") / "reference"
-    run_scion("pretrain", "--data", corpus, "--out", out, "--max-steps", STEPS, *RUN_ARGS)
-    return out
+def reference(tmp_path_factory, run_scion, corpus):
+    """reference(precision): the uninterrupted run in that precision ("auto": this machine's own
+    path), made once for the module."""
+    made: dict[str, Path] = {}
+
+    def uninterrupted(precision: str = "auto") -> Path:
+        if precision not in made:
+            out = tmp_path_factory.mktemp("faults") / f"reference-{precision}"
+            run_scion("pretrain", "--data", corpus, "--out", out, "--max-steps", STEPS, "--precision", precision,
+                      *RUN_ARGS)
+            made[precision] = out
+        return made[precision]
+
+    return uninterrupted
 
 
-def run_with_faults(out: Path, corpus: Path, cache: Path, plan: list[str], steps: int = STEPS) -> list[str]:
+def run_with_faults(out: Path, corpus: Path, cache: Path, plan: list[str], steps: int = STEPS,
+                    precision: str = "auto") -> list[str]:
     """Start a run, kill it as the plan says (one entry per process), resume until it finishes.
     Returns what happened to each process, for the failure message."""
-    fresh = ["pretrain", "--data", corpus, "--out", out, "--max-steps", steps, *RUN_ARGS]
+    fresh = ["pretrain", "--data", corpus, "--out", out, "--max-steps", steps, "--precision", precision, *RUN_ARGS]
     history = []
     for fault in [*plan, None]:
         has_checkpoint = bool(ckpt.list_checkpoints(out)) if out.exists() else False
@@ -125,13 +136,15 @@ def run_with_faults(out: Path, corpus: Path, cache: Path, plan: list[str], steps
     raise AssertionError(f"the run never finished: {history}")
 
 
-def test_kills_mid_step_checkpoint_and_validation_resume_exactly(reference, tmp_path, corpus, cache_dir):
+@pytest.mark.precision
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_kills_mid_step_checkpoint_and_validation_resume_exactly(reference, tmp_path, corpus, cache_dir, precision):
     # Killed 2 steps in (before any checkpoint: starts over), mid-save of the 2nd checkpoint,
-    # in the 1st validation, then mid-step: then it finishes.
+    # in the 1st validation, then mid-step: then it finishes. Bit for bit in either precision.
     plan = ["step:2", "checkpoint:2", "validation:1", "step:3"]
-    history = run_with_faults(tmp_path / "run", corpus, cache_dir, plan)
+    history = run_with_faults(tmp_path / "run", corpus, cache_dir, plan, precision=precision)
     assert [h.split(" -> ")[1] for h in history] == ["exit -9"] * len(plan) + ["exit 0"], history
-    assert_same_run(tmp_path / "run", reference)
+    assert_same_run(tmp_path / "run", reference(precision))
     leftovers = [p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.startswith(".")]
     assert leftovers == [], "a killed save left its temporary folder behind"
 
@@ -157,6 +170,7 @@ def test_many_random_kills_then_resume_is_exact(tmp_path, run_scion, corpus, cac
     assert sum(h.endswith("exit -9") for h in history) >= rounds // 2, "most planned kills never landed"
 
 
+@pytest.mark.precision
 def test_sigterm_finishes_the_step_saves_exits_75_and_resumes_exactly(reference, tmp_path, corpus, cache_dir):
     out = tmp_path / "run"
     proc = launch(["pretrain", "--data", corpus, "--out", out, "--max-steps", STEPS, *RUN_ARGS], cache_dir)
@@ -174,7 +188,7 @@ def test_sigterm_finishes_the_step_saves_exits_75_and_resumes_exactly(reference,
     assert last.step == stopped_at < STEPS  # the step it was in finished and was saved
     code, err = finish(launch(["pretrain", "--resume", out], cache_dir))
     assert code == 0, err[-2000:]
-    assert_same_run(out, reference)
+    assert_same_run(out, reference())
 
 
 def test_time_limit_stops_saves_and_exits_75(tmp_path, corpus, cache_dir):

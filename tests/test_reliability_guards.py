@@ -15,6 +15,7 @@ from scion.config import ModelConfig, RunConfig, TrainConfig
 from scion.model import Transformer
 from scion.train.guards import SKIP, UPDATE, Divergence, Guards
 from scion.train.loop import Trainer
+from tests.conftest import PRECISIONS
 
 SEQ = 16
 
@@ -35,7 +36,7 @@ class Batches:
         return x[:, :-1], x[:, 1:], data_step in self.poisoned
 
 
-def make_trainer(tmp_path, poisoned=(), blowup="nan", **train) -> tuple[Trainer, Batches, list[str]]:
+def make_trainer(tmp_path, poisoned=(), blowup="nan", precision="fp32", **train) -> tuple[Trainer, Batches, list[str]]:
     cfg = RunConfig(
         model=ModelConfig(vocab_size=64, n_layer=1, n_head=2, d_model=32, ffn_hidden=64, max_seq_len=SEQ),
         train=TrainConfig(**{"max_steps": 12, "micro_batch_size": 2, "warmup_steps": 1, "log_every": 1,
@@ -54,7 +55,8 @@ def make_trainer(tmp_path, poisoned=(), blowup="nan", **train) -> tuple[Trainer,
         return loss
 
     logs: list[str] = []
-    trainer = Trainer(cfg, tmp_path, model, batches, loss_fn=loss_fn, progress=False, log=logs.append)
+    trainer = Trainer(cfg, tmp_path, model, batches, loss_fn=loss_fn, progress=False, log=logs.append,
+                      precision=precision)
     return trainer, batches, logs
 
 
@@ -79,8 +81,10 @@ def test_guard_decisions():
         h.check(12, float("nan"), 1.0)
 
 
-def test_a_non_finite_step_is_skipped_logged_and_counted(tmp_path):
-    trainer, _, logs = make_trainer(tmp_path, poisoned={5})
+@pytest.mark.precision
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_a_non_finite_step_is_skipped_logged_and_counted(tmp_path, precision):
+    trainer, _, logs = make_trainer(tmp_path, poisoned={5}, precision=precision)
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     trainer.fit()
     assert trainer.state.skipped_steps == 1 and trainer.state.step == 12
@@ -103,16 +107,20 @@ def test_consecutive_non_finite_steps_stop_the_run_naming_the_last_good_checkpoi
     assert [r.step for r in ckpt.list_checkpoints(tmp_path)] == [4]  # nothing saved after the blow-up
 
 
-def test_a_loss_spike_stops_the_run(tmp_path):
+@pytest.mark.precision
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_a_loss_spike_stops_the_run(tmp_path, precision):
     trainer, _, _ = make_trainer(tmp_path, poisoned={9}, blowup="spike", loss_spike_sigma=6,
-                                 loss_spike_window=4)
+                                 loss_spike_window=4, precision=precision)
     with pytest.raises(Divergence, match=r"^step 10: loss spike: .* last good checkpoint is .*step-00000008"):
         trainer.fit()
 
 
-def test_rollback_reloads_the_last_good_checkpoint_and_skips_the_bad_data(tmp_path):
+@pytest.mark.precision
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_rollback_reloads_the_last_good_checkpoint_and_skips_the_bad_data(tmp_path, precision):
     trainer, batches, logs = make_trainer(tmp_path, poisoned={9}, blowup="spike", loss_spike_sigma=6,
-                                          loss_spike_window=4, on_divergence="rollback")
+                                          loss_spike_window=4, on_divergence="rollback", precision=precision)
     trainer.fit()
     assert trainer.state.step == 12 and trainer.rollbacks == 1
     assert any("rolled back to step-00000008 and skipping the data of steps 9..10" in line for line in logs)

@@ -63,11 +63,26 @@ def _cpuinfo() -> str:
         return ""
 
 
-def cpu_has_fast_bf16() -> bool:
-    """bf16 only pays on CPUs with native bf16 matmul (AVX512-BF16 or AMX); elsewhere it is
-    emulated and several times slower than fp32."""
+CPU_BF16_ENV = "SCION_CPU_BF16"  # 1 or 0: override what `--precision auto` picks on a CPU
+
+
+def cpu_native_bf16() -> bool:
+    """Whether the CPU multiplies bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated
+    and several times slower than fp32."""
     flags = _cpuinfo()
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether `--precision auto` trains in bf16 on this CPU: where bf16 is native, unless
+    SCION_CPU_BF16 says otherwise (1 makes any CPU take the bf16 path, as a Xeon with AMX does;
+    0 keeps fp32 on one)."""
+    forced = os.environ.get(CPU_BF16_ENV, "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
+    if forced:
+        raise ScionError(f"{CPU_BF16_ENV}={forced!r}: set it to 1 (bf16) or 0 (fp32), or unset it")
+    return cpu_native_bf16()
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -88,25 +103,42 @@ def autocast(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
-def peak_flops(device: torch.device, precision: str, refresh: bool = False) -> tuple[float, str] | None:
+def peak_flops(device: torch.device, precision: str, refresh: bool = False,
+               tf32: bool | None = None) -> tuple[float, str] | None:
     """(peak FLOP/s, label) for MFU, or None for an unknown device (no MFU rather than a wrong one).
-    `refresh` measures a CPU's peak again rather than taking the cached figure."""
+    `refresh` measures a CPU's peak again rather than taking the cached figure; `tf32` says whether
+    a GPU's fp32 products run on TF32 tensor cores (by default, as PyTorch is set now)."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
+        if tf32 is None:
+            tf32 = torch.backends.cuda.matmul.allow_tf32
         column = precision
-        if precision == "fp32" and not torch.backends.cuda.matmul.allow_tf32:
+        if precision == "fp32" and not tf32:
             column = "fp32-ieee"
         for key, peaks in GPU_PEAKS.items():
             # The model as a whole word of the name: "L4" is not the "L40S", nor "H200" the "GH200".
             if re.search(rf"(?<![A-Za-z0-9]){re.escape(key)}(?![A-Za-z0-9])", name):
-                tf32 = column == "fp32" and peaks.get("fp32-ieee") != peaks.get("fp32")
-                label = "TF32" if tf32 else column.removesuffix("-ieee")
+                on_tensor_cores = column == "fp32" and peaks.get("fp32-ieee") != peaks.get("fp32")
+                label = "TF32" if on_tensor_cores else column.removesuffix("-ieee")
                 return (peaks[column], f"{key} {label} datasheet peak") if peaks.get(column) else None
         return None
     if device.type == "cpu":
         flops = measured_cpu_peak(precision, refresh)
         return flops, f"CPU {precision} matmul peak, measured ({torch.get_num_threads()} threads)"
     return None
+
+
+def describe_machine(device: torch.device | None = None) -> str:
+    """One line naming what a figure was measured on: the CPU (and the GPU, where one is used),
+    whether its bf16 is native, what `--precision auto` trains in, threads and torch version."""
+    device = device or torch.device("cpu")
+    auto = resolve_precision("auto", device)
+    line = (f"CPU {cpu_model()} ({os.cpu_count()} cores, {torch.get_num_threads()} threads), "
+            f"native bf16: {'yes' if cpu_native_bf16() else 'no'}")
+    if device.type == "cuda":
+        line += f"; GPU {torch.cuda.get_device_name(device)}"
+    forced = f", forced by {CPU_BF16_ENV}" if device.type == "cpu" and os.environ.get(CPU_BF16_ENV) else ""
+    return f"{line}; --precision auto trains in {auto}{forced}; torch {torch.__version__}"
 
 
 def cpu_model() -> str:
