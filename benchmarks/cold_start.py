@@ -23,6 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
+    from scion.train.device import describe_machine
+
+    print(f"machine: {describe_machine()}", flush=True)
     with tempfile.TemporaryDirectory(prefix="scion-cold-") as tmp:
         env = dict(
             os.environ,

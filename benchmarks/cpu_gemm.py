@@ -31,6 +31,7 @@ import torch  # noqa: E402
 
 from scion.config import preset  # noqa: E402
 from scion.model import Transformer, flops_per_token  # noqa: E402
+from scion.train.device import describe_machine  # noqa: E402
 
 
 def step_products(cfg) -> list[tuple[str, int, int, int, int]]:
@@ -93,6 +94,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds per library (best taken)")
     ap.add_argument("--repeats", type=int, default=5, help="timed products per round")
     args = ap.parse_args()
+    print(f"machine: {describe_machine()}", flush=True)
     os.environ["OPENBLAS_NUM_THREADS"] = os.environ["OMP_NUM_THREADS"] = str(args.threads)
     cfg = preset(args.preset)
     seq = cfg.train.sequence_length(cfg.model)

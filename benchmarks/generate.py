@@ -23,6 +23,7 @@ from common import hf_llama
 from scion.config import preset
 from scion.generate import CompiledDecoder, generate
 from scion.model import Transformer
+from scion.train.device import describe_machine
 
 
 def interleaved(fns, repeats: int):
@@ -47,6 +48,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-compile", action="store_true", help="leave out the compiled decoder")
     args = ap.parse_args()
+    print(f"machine: {describe_machine()}", flush=True)
 
     torch.set_num_threads(args.threads)
     cfg = preset(args.preset).model

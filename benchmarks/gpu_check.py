@@ -49,7 +49,7 @@ from scion.config import ModelConfig, RunConfig, preset  # noqa: E402
 from scion.errors import ScionError  # noqa: E402
 from scion.model import flops_per_token  # noqa: E402
 from scion.train.compile import compile_blocks  # noqa: E402
-from scion.train.device import autocast, peak_flops  # noqa: E402
+from scion.train.device import autocast, describe_machine, peak_flops  # noqa: E402
 from scion.train.loop import World  # noqa: E402
 
 SMALL = ModelConfig(
@@ -385,7 +385,9 @@ def main() -> None:
         "torch": torch.__version__,
         "dry_run": args.dry_run,
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        "machine": describe_machine(device),
     }
+    print(f"machine: {env['machine']}", flush=True)
     if device.type == "cuda":
         env["cuda"] = torch.version.cuda
         env["capability"] = ".".join(map(str, torch.cuda.get_device_capability()))

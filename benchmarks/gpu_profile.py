@@ -34,7 +34,7 @@ from torch.autograd import DeviceType  # noqa: E402
 from scion.config import ModelConfig, RunConfig, preset  # noqa: E402
 from scion.model import Transformer, flops_per_token  # noqa: E402
 from scion.train.compile import compile_blocks  # noqa: E402
-from scion.train.device import peak_flops  # noqa: E402
+from scion.train.device import describe_machine, peak_flops  # noqa: E402
 
 # Kernel or operator names, lower-cased, by kind; the first kind whose pattern matches wins.
 KINDS = [
@@ -238,6 +238,8 @@ def main() -> None:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     result = profile_training(cfg, device, precision, micro, args.accum, args.steps, compile=not args.no_compile,
                               run_dir=out / "profile")
+    result["machine"] = describe_machine(device)
+    print(f"machine: {result['machine']}", flush=True)
     (out / "gpu_profile.json").write_text(json.dumps(result, indent=1))
     print_tables(result)
     print(f"\nresults in {out / 'gpu_profile.json'}")

@@ -22,6 +22,7 @@ import torch
 from scion.config import preset
 from scion.data.sources import resolve_datasets
 from scion.pretrain import pretrain
+from scion.train.device import describe_machine
 
 
 def config(args):
@@ -51,6 +52,7 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--prepare-only", action="store_true")
     args = p.parse_args()
+    print(f"machine: {describe_machine()}", flush=True)
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = config(args)

@@ -31,6 +31,7 @@ from scion.data.prepare import BATCH_CHARS  # noqa: E402
 from scion.data.readers import expand_paths, read_pieces  # noqa: E402
 from scion.data.sources import bundled_corpus  # noqa: E402
 from scion.tokenizer import load_tokenizer, train_bpe  # noqa: E402
+from scion.train.device import describe_machine  # noqa: E402
 
 CHILD = """
 import resource, sys, time
@@ -126,6 +127,7 @@ def main() -> None:
     )
     ap.add_argument("--keep", help="work in this folder and keep it (default: a temporary folder)")
     args = ap.parse_args()
+    print(f"machine: {describe_machine()}", flush=True)
     work = Path(args.keep or tempfile.mkdtemp(prefix="scion-bench-prepare-"))
     try:
         corpus = work / "corpus"

@@ -28,6 +28,7 @@ from common import build  # noqa: E402  (beside this file)
 
 from scion.config import preset  # noqa: E402
 from scion.train.compile import compile_blocks  # noqa: E402
+from scion.train.device import describe_machine  # noqa: E402
 
 
 def saved_by_block(cfg, seq: int, residual: torch.dtype) -> tuple[list[tuple[tuple, torch.dtype, int]], int]:
@@ -61,6 +62,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=320,
                     help="tokens in the probe (the result is per token); must differ from the model's widths")
     args = ap.parse_args()
+    print(f"machine: {describe_machine()}", flush=True)
     torch.set_num_threads(2)
     cfg = preset(args.preset).model
     widths = {cfg.d_model, cfg.ffn_hidden, cfg.n_head, cfg.kv_heads, cfg.dim_per_head, cfg.kv_heads * cfg.dim_per_head}

@@ -20,7 +20,7 @@ from scion.config import ModelConfig
 from scion.model import Transformer
 from scion.sft.batches import Example, SFTBatches, attention_mask, collate, sft_loss
 from scion.sft.lora import apply_lora, merged_model
-from scion.train.device import autocast
+from scion.train.device import autocast, describe_machine
 
 
 def conversations(n: int, vocab: int, max_len: int, seed: int = 0) -> list[Example]:
@@ -60,6 +60,7 @@ def main() -> None:
     p.add_argument("--small", action="store_true")
     p.add_argument("--steps", type=int, default=20)
     args = p.parse_args()
+    print(f"machine: {describe_machine()}", flush=True)
     cuda = torch.cuda.is_available() and not args.small
     device = torch.device("cuda" if cuda else "cpu")
     precision = "bf16" if cuda else "fp32"

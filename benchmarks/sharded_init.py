@@ -25,6 +25,7 @@ import torch
 import torch.multiprocessing as mp
 
 from scion.config import RunConfig, preset
+from scion.train.device import describe_machine
 
 
 def rank_main(rank: int, world: int, port: int, preset_name: str, way: str, out: str) -> None:
@@ -67,6 +68,7 @@ def main() -> None:
     ap.add_argument("--preset", default="tinyllama-1.1b")
     ap.add_argument("--ranks", type=int, default=2)
     args = ap.parse_args()
+    print(f"machine: {describe_machine()}", flush=True)
     cfg = preset(args.preset).model
     with torch.device("meta"):
         from scion.model import Transformer

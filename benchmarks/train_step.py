@@ -29,7 +29,7 @@ from common import hf_llama  # noqa: E402
 from scion.config import preset  # noqa: E402
 from scion.model import Transformer, flops_per_token  # noqa: E402
 from scion.train.compile import compile_blocks  # noqa: E402
-from scion.train.device import measured_cpu_peak  # noqa: E402
+from scion.train.device import describe_machine, measured_cpu_peak  # noqa: E402
 from scion.train.optim import build_optimizer  # noqa: E402
 
 MODES = ["fp32", "bf16", "compile", "compile-bf16"]
@@ -107,6 +107,7 @@ def main() -> None:
     ap.add_argument("--modes", nargs="+", default=MODES, choices=MODES)
     ap.add_argument("--only", choices=["scion", "transformers"], help="run one library only")
     args = ap.parse_args()
+    print(f"machine: {describe_machine()}", flush=True)
 
     torch.set_num_threads(args.threads)
     cfg = preset(args.preset)
