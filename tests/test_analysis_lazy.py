@@ -23,6 +23,9 @@ from scion.analysis.attention import (
 from scion.config import ModelConfig
 from scion.model import Transformer
 
+# Trains or runs at --precision auto: `make test-bf16` runs these again with auto forced to bf16.
+pytestmark = pytest.mark.precision
+
 T = 32
 
 

@@ -26,6 +26,9 @@ from lm_eval.api.instance import Instance  # noqa: E402
 from scion.evaluate.harness import ScionLM, unknown_task_message  # noqa: E402
 from scion.evaluate.perplexity import evaluate_data  # noqa: E402
 
+# Trains or runs at --precision auto: `make test-bf16` runs these again with auto forced to bf16.
+pytestmark = pytest.mark.precision
+
 CAPITALS = {"France": "Paris", "Italy": "Rome", "Germany": "Berlin", "Spain": "Madrid", "Japan": "Tokyo",
             "Egypt": "Cairo", "Peru": "Lima", "Kenya": "Nairobi"}
 

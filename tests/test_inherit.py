@@ -27,6 +27,9 @@ from scion.inherit.init import (
     stack,
 )
 
+# Trains or runs at --precision auto: `make test-bf16` runs these again with auto forced to bf16.
+pytestmark = pytest.mark.precision
+
 LLAMA = ModelConfig(name="ref", vocab_size=96, n_layer=6, n_head=4, n_kv_head=2, d_model=32, ffn_hidden=48,
                     max_seq_len=16)
 GPT2 = dataclasses.replace(LLAMA, name="gpt", n_kv_head=None, norm="layernorm", mlp="gelu",

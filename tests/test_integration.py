@@ -8,6 +8,9 @@ import torch
 
 from tests.interop_helpers import hf_llama, tokenizer
 
+# Trains or runs at --precision auto: `make test-bf16` runs these again with auto forced to bf16.
+pytestmark = pytest.mark.precision
+
 pytest.importorskip("transformers")
 
 

@@ -71,7 +71,6 @@ def test_export_gives_transformers_the_same_logits(tmp_path, name):
     assert back_tok.encode(TEXT) == tok.encode(TEXT)
 
 
-@pytest.mark.precision
 @pytest.mark.parametrize("name", list(EXPORTS))
 def test_exported_logits_agree_under_bf16_autocast(tmp_path, name):
     """The same comparison as `--precision bf16` runs both models on a CPU (autocast: products in

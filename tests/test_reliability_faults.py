@@ -30,6 +30,9 @@ from safetensors.torch import load_file
 
 from scion import checkpoint as ckpt
 
+# Trains or runs at --precision auto: `make test-bf16` runs these again with auto forced to bf16.
+pytestmark = pytest.mark.precision
+
 STEPS = 14
 RUN_ARGS = [*TINY_ARGS, "--log-every", "1", "--eval-every", "4", "--checkpoint-every", "3",
             "--keep-last", "2", "--sample-every", "7", "--data.val-fraction", "0.2"]
@@ -136,7 +139,6 @@ def run_with_faults(out: Path, corpus: Path, cache: Path, plan: list[str], steps
     raise AssertionError(f"the run never finished: {history}")
 
 
-@pytest.mark.precision
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_kills_mid_step_checkpoint_and_validation_resume_exactly(reference, tmp_path, corpus, cache_dir, precision):
     # Killed 2 steps in (before any checkpoint: starts over), mid-save of the 2nd checkpoint,
@@ -170,7 +172,6 @@ def test_many_random_kills_then_resume_is_exact(tmp_path, run_scion, corpus, cac
     assert sum(h.endswith("exit -9") for h in history) >= rounds // 2, "most planned kills never landed"
 
 
-@pytest.mark.precision
 def test_sigterm_finishes_the_step_saves_exits_75_and_resumes_exactly(reference, tmp_path, corpus, cache_dir):
     out = tmp_path / "run"
     proc = launch(["pretrain", "--data", corpus, "--out", out, "--max-steps", STEPS, *RUN_ARGS], cache_dir)

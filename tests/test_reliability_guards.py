@@ -81,7 +81,6 @@ def test_guard_decisions():
         h.check(12, float("nan"), 1.0)
 
 
-@pytest.mark.precision
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_a_non_finite_step_is_skipped_logged_and_counted(tmp_path, precision):
     trainer, _, logs = make_trainer(tmp_path, poisoned={5}, precision=precision)
@@ -107,7 +106,6 @@ def test_consecutive_non_finite_steps_stop_the_run_naming_the_last_good_checkpoi
     assert [r.step for r in ckpt.list_checkpoints(tmp_path)] == [4]  # nothing saved after the blow-up
 
 
-@pytest.mark.precision
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_a_loss_spike_stops_the_run(tmp_path, precision):
     trainer, _, _ = make_trainer(tmp_path, poisoned={9}, blowup="spike", loss_spike_sigma=6,
@@ -116,7 +114,6 @@ def test_a_loss_spike_stops_the_run(tmp_path, precision):
         trainer.fit()
 
 
-@pytest.mark.precision
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_rollback_reloads_the_last_good_checkpoint_and_skips_the_bad_data(tmp_path, precision):
     trainer, batches, logs = make_trainer(tmp_path, poisoned={9}, blowup="spike", loss_spike_sigma=6,

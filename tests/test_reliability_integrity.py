@@ -23,6 +23,9 @@ from scion import checkpoint as ckpt
 from scion.cli.main import main
 from scion.errors import ScionError
 
+# Trains or runs at --precision auto: `make test-bf16` runs these again with auto forced to bf16.
+pytestmark = pytest.mark.precision
+
 
 def tree_hash(folder: Path) -> dict[str, str]:
     return {str(f.relative_to(folder)): hashlib.sha256(f.read_bytes()).hexdigest()

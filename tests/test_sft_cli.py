@@ -13,6 +13,9 @@ from safetensors.torch import load_file
 
 from scion.run import load_model
 
+# Trains or runs at --precision auto: `make test-bf16` runs these again with auto forced to bf16.
+pytestmark = pytest.mark.precision
+
 KEYS = ["red", "blue", "green", "gold", "pink", "gray", "teal", "navy"]
 CODES = dict(zip(KEYS, "37160425", strict=True))
 TRAIN_FILLERS = ["please tell:", "quick:", "hey,", "", "so", "and"]

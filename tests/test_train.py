@@ -12,6 +12,9 @@ from scion.train.loop import Trainer
 from scion.train.optim import lr_at
 from tests.conftest import PRECISIONS, TINY_ARGS
 
+# Trains or runs at --precision auto: `make test-bf16` runs these again with auto forced to bf16.
+pytestmark = pytest.mark.precision
+
 
 def tiny_config(corpus, **train) -> RunConfig:
     cfg = RunConfig(
@@ -55,7 +58,6 @@ def test_training_reduces_loss_and_writes_the_run_layout(tiny_run):
     assert 0 < record["max_rss_GiB"] < 64  # the process's peak resident memory, in GiB
 
 
-@pytest.mark.precision
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_stopped_and_resumed_run_equals_uninterrupted_run(tmp_path, corpus, cache_dir, run_scion, monkeypatch,
                                                           precision):
@@ -91,7 +93,6 @@ def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-@pytest.mark.precision
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_gradient_accumulation_matches_a_bigger_micro_batch(tmp_path, corpus, cache_dir, monkeypatch, precision):
     """Two micro-batches of 4 give the gradient of one micro-batch of 8.
