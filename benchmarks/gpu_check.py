@@ -11,7 +11,7 @@ results):
      against a no-cache full-forward greedy decode;
   3. FSDP on one device: `torchrun --nproc-per-node 1` running the training loop with
      `--parallel fsdp`'s code path (built on the meta device, sharded, then initialised on the
-     GPU by scion.parallel.parallelize), whose loss must match the unwrapped model's; reported
+     GPU by scion.train.parallel.parallelize), whose loss must match the unwrapped model's; reported
      as skipped when this build has no FSDP;
   4. throughput: the `tinyllama-1.1b` preset at sequence 2048 on random tokens, bf16, compiled
      blocks, fused AdamW, through scion's Trainer, reporting tokens/s and MFU as metrics.jsonl
@@ -50,7 +50,7 @@ from scion.errors import ScionError  # noqa: E402
 from scion.model import flops_per_token  # noqa: E402
 from scion.train.compile import compile_blocks  # noqa: E402
 from scion.train.device import autocast, describe_machine, peak_flops  # noqa: E402
-from scion.train.loop import World  # noqa: E402
+from scion.train.world import World  # noqa: E402
 
 SMALL = ModelConfig(
     name="check-small",
@@ -178,8 +178,8 @@ def fsdp_worker(args) -> None:
     the same steps on the plain model; writes both losses."""
     import torch.distributed as dist
 
-    from scion.parallel import init_distributed, parallelize
     from scion.pretrain import build_model
+    from scion.train.parallel import init_distributed, parallelize
 
     device = (
         torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
@@ -205,7 +205,7 @@ def fsdp_worker(args) -> None:
                 init_seed=cfg.train.seed,
             )
         except ScionError as e:
-            result = {"status": "skipped", "reason": f"scion.parallel has no FSDP here: {e}"}
+            result = {"status": "skipped", "reason": f"scion.train.parallel has no FSDP here: {e}"}
             break
         if parallel == "fsdp":
             from torch.distributed.tensor import DTensor

@@ -32,8 +32,8 @@ def rank_main(rank: int, world: int, port: int, preset_name: str, way: str, out:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    from scion.parallel import parallelize, shutdown
     from scion.pretrain import build_model, setup
+    from scion.train.parallel import parallelize, shutdown
 
     cfg: RunConfig = preset(preset_name)
     cfg.train.device, cfg.train.parallel = "cpu", "fsdp"

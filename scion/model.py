@@ -203,7 +203,7 @@ class Transformer(nn.Module):
     def weight_initializers(self) -> Iterator[tuple[nn.Parameter, Callable]]:
         """Each parameter with the function `fill(tensor, generator)` that draws its initial
         values, in the order `init_weights` draws them: whoever replays this order from one random
-        stream gets the same weights, whole or sharded (see `scion.parallel.materialize`)."""
+        stream gets the same weights, whole or sharded (see `scion.train.parallel.materialize`)."""
         std = self.cfg.init_std
         for name, module in self.named_modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):

@@ -18,11 +18,12 @@ from scion.data.sources import resolve_datasets
 from scion.errors import ScionError
 from scion.lock import hold, release
 from scion.model import Transformer
-from scion.parallel import init_distributed, parallelize, state_io
 from scion.run import check_new_run_dir, prepare_run_dir, write_data_record
 from scion.tokenizer import Tokenizer
 from scion.train.device import resolve_device, resolve_precision
-from scion.train.loop import LossFn, Trainer, TrainState, World, lm_loss
+from scion.train.loop import LossFn, Trainer, TrainState, lm_loss
+from scion.train.parallel import init_distributed, parallelize
+from scion.train.world import World
 
 
 def log(msg: str) -> None:
@@ -67,7 +68,7 @@ def load_data(cfg: RunConfig, world: World) -> tuple[Tokenizer, list[Path]]:
 def build_model(cfg: RunConfig, device: torch.device) -> Transformer:
     """A freshly initialised model; the same seed gives the same weights on any device and any
     number of ranks. For FSDP the model is built on the meta device and gets its memory, and
-    the same weights, only once sharded (`scion.parallel.parallelize`): no rank ever holds it
+    the same weights, only once sharded (`scion.train.parallel.parallelize`): no rank ever holds it
     whole."""
     if cfg.train.parallel == "fsdp":
         with torch.device("meta"):
@@ -103,19 +104,27 @@ def train(
     loss_fn: LossFn = lm_loss,
     progress: bool | None = None,
     extra_checkpoint_files: dict | None = None,
+    resume_hint: str | None = None,
 ) -> Trainer:
     """Run the training loop on a prepared run directory (the recipes' common last step).
-    `extra_checkpoint_files` go into every checkpoint (see `scion.checkpoint.save_checkpoint`)."""
+    `extra_checkpoint_files` go into every checkpoint (see `scion.checkpoint.save_checkpoint`);
+    `resume_hint` is the command that continues the run, for messages (scion pretrain's by default)."""
     t = cfg.train
     say = log if env.world.main else (lambda msg: None)
     train_model = parallelize(model, t.parallel, env.device, env.world, compile=t.compile,
                               activation_checkpointing=t.activation_checkpointing, precision=env.precision,
                               init_seed=t.seed)
+    callbacks = []
+    if t.eval_tasks and t.eval_tasks_every:  # benchmark tasks during training (lm-eval)
+        from scion.evaluate.harness import TrainingTasks
+
+        callbacks.append(TrainingTasks(t, tokenizer, env.device, env.precision))
     trainer = Trainer(cfg, run_dir, model, batches, val_batches=val, loss_fn=loss_fn, tokenizer=tokenizer,
                       device=env.device, precision=env.precision, world=env.world,
                       parallel_model=train_model, progress=progress, log=log,
-                      state_io=state_io(t.parallel, t.consolidated_weights),
-                      extra_checkpoint_files=extra_checkpoint_files)
+                      state_io=ckpt.state_io(t.parallel, t.consolidated_weights),
+                      extra_checkpoint_files=extra_checkpoint_files, callbacks=callbacks,
+                      resume_hint=resume_hint)
     if resume:
         ref = ckpt.find_resumable(run_dir, warn=say)
         if ref is None:

@@ -85,8 +85,7 @@ def resolve_checkpoint(path: str | Path, which: str | None = None) -> tuple[Path
     path = Path(path)
     if not path.exists():
         raise ScionError(f"{path}: no such run or checkpoint")
-    holds_weights = (path / "model.safetensors").is_file() or (path / "dcp" / ".metadata").is_file()
-    if holds_weights and path.parent.name == "checkpoints":
+    if ckpt.holds_weights(path) and path.parent.name == "checkpoints":
         return path.parent.parent, path
     if not is_run(path):
         raise ScionError(f"{path}: not a scion run (no config.yaml) or checkpoint folder")

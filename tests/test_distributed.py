@@ -23,8 +23,8 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from scion import checkpoint as ckpt
+from scion.checkpoint import consolidate, load_sharded
 from scion.config import ModelConfig, RunConfig, TrainConfig, save_yaml
-from scion.dist_checkpoint import consolidate, load_sharded
 from scion.errors import ScionError
 from scion.model import Transformer
 from scion.train.optim import build_optimizer
@@ -104,7 +104,7 @@ def _as_rank(rank: int, world_size: int, port: int) -> None:
 
 def _rank_main(rank: int, world_size: int, port: int, jobs: list[dict]) -> None:
     _as_rank(rank, world_size, port)
-    from scion.parallel import shutdown
+    from scion.train.parallel import shutdown
 
     for job in jobs:
         train_run(**job)
@@ -308,7 +308,8 @@ def test_resume_on_the_same_single_process_is_bit_exact(runs):
 
 
 def test_without_tokens_per_step_a_resumed_run_keeps_its_global_batch(tmp_path):
-    from scion.train.loop import Trainer, World
+    from scion.train.loop import Trainer
+    from scion.train.world import World
 
     cfg = tiny_config()
     cfg.train.tokens_per_step, cfg.train.micro_batch_size = None, 4  # one micro-batch of 4 per device
@@ -337,8 +338,8 @@ def _sharded_init_main(rank: int, world_size: int, port: int, out: str, tied: bo
     _as_rank(rank, world_size, port)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    from scion.parallel import parallelize, shutdown
     from scion.pretrain import build_model, setup
+    from scion.train.parallel import parallelize, shutdown
 
     cfg = tied_or_not("fsdp", tied)
     env = setup(cfg)
@@ -375,7 +376,7 @@ def test_fsdp_builds_on_meta_and_each_rank_initialises_only_its_shards(tmp_path,
 
 
 def test_activation_checkpointing_keeps_parameter_names_and_gradients():
-    from scion.parallel import apply_activation_checkpointing
+    from scion.train.parallel import apply_activation_checkpointing
 
     data = NumberedSamples(128, SEQ)
     inputs, targets = data.batch(0, 4)
@@ -396,7 +397,7 @@ def test_activation_checkpointing_keeps_parameter_names_and_gradients():
 
 
 def test_many_processes_need_a_parallel_strategy(monkeypatch):
-    from scion.parallel import init_distributed
+    from scion.train.parallel import init_distributed
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")

@@ -18,10 +18,10 @@ from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 
 from scion import checkpoint as ckpt
+from scion.checkpoint.safe_dcp import SafeFileSystemReader, load_metadata, read_dcp
 from scion.cli.main import main
 from scion.data.dataset import read_manifest
 from scion.errors import ScionError
-from scion.safe_dcp import SafeFileSystemReader, load_metadata, read_dcp
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 

@@ -19,7 +19,7 @@ import torch
 from conftest import scion_env
 from safetensors.torch import load_file
 
-from scion import checkpoint as ckpt
+from scion.checkpoint import folder as ckpt
 from scion.cli.main import main
 from scion.errors import ScionError
 

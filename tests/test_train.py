@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from scion import checkpoint as ckpt
+from scion.checkpoint import folder as ckpt
 from scion.config import ModelConfig, RunConfig, TrainConfig
 from scion.pretrain import pretrain
 from scion.train.loop import Trainer

@@ -32,7 +32,7 @@ def main(argv: list[str]) -> int:
 
     import torch
 
-    from scion.dist_checkpoint import consolidate
+    from scion.checkpoint import consolidate
     from scion.model import Transformer
     from scion.run import load_config, resolve_checkpoint
 

@@ -100,7 +100,7 @@ def main(argv: list[str]) -> int:
         print(f"stopped early ({e.reason}); continue with: scion grow --resume {out}", file=sys.stderr)
         return STOPPED_EARLY
     finally:
-        from scion.parallel import shutdown
+        from scion.train.parallel import shutdown
 
         shutdown()
     print(summary_table(rows))

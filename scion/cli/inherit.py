@@ -124,8 +124,8 @@ def _train(
 
     from scion.inherit.init import inherit
     from scion.inherit.runs import adopt_tokenizer, check_tokenizer, load_reference, train_run
-    from scion.parallel import shutdown
     from scion.pretrain import data_streams, load_data, setup
+    from scion.train.parallel import shutdown
 
     env = setup(cfg)
     if ref is not None:

@@ -60,7 +60,7 @@ def main(argv: list[str]) -> int:
         val = f", best val loss {state.best_val_loss:.4f}" if state.best_val_loss is not None else ""
         print(f"\nrun directory: {run_dir} (step {state.step}, {state.tokens:,} tokens{val})", file=sys.stderr)
         print(f'sample from it: scion generate {run_dir} --prompt "ROMEO."', file=sys.stderr)
-    from scion.parallel import shutdown
+    from scion.train.parallel import shutdown
 
     shutdown()
     if trainer.stop_reason:

@@ -154,7 +154,7 @@ def main(argv: list[str]) -> int:
         val = f", best val loss {state.best_val_loss:.4f}" if state.best_val_loss is not None else ""
         print(f"\nrun directory: {run_dir} (step {state.step}{val})", file=sys.stderr)
         print(f"talk to it: scion chat {run_dir}", file=sys.stderr)
-    from scion.parallel import shutdown
+    from scion.train.parallel import shutdown
 
     shutdown()
     if trainer.stop_reason:

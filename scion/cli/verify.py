@@ -23,28 +23,29 @@ def check_checkpoint(folder: Path, model_config: dict | None) -> str | None:
     from safetensors import safe_open
 
     from scion import checkpoint as ckpt
+    from scion.checkpoint import layout
 
     problem = ckpt.verify_checkpoint(folder)
     if problem:
         return problem
-    if (folder / "model.safetensors").exists():  # a sharded one may have only dcp/
+    if layout.has_whole_weights(folder):  # a sharded one may have only dcp/
         try:
-            with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+            with safe_open(str(folder / layout.MODEL), framework="pt") as f:
                 f.keys()
         except Exception as e:  # safetensors raises its own error types for a bad header
-            return f"model.safetensors is unreadable ({e})"
-    if (folder / "trainer.json").is_file():
+            return f"{layout.MODEL} is unreadable ({e})"
+    if (folder / layout.TRAINER).is_file():
         try:
-            state = json.loads((folder / "trainer.json").read_text())
+            state = json.loads((folder / layout.TRAINER).read_text())
         except (ValueError, UnicodeDecodeError):
             return "trainer.json is not valid JSON"
         if model_config is not None and state.get("model") not in (None, model_config):
             return "saved for another model architecture than the run's config.yaml"
-    if (folder / "dcp" / ".metadata").is_file():  # the shards of an FSDP checkpoint
-        from scion.safe_dcp import load_metadata
+    if layout.is_sharded_checkpoint(folder):  # the shards of an FSDP checkpoint
+        from scion.checkpoint.safe_dcp import load_metadata
 
         try:
-            load_metadata(folder / "dcp" / ".metadata")
+            load_metadata(folder / layout.DCP_METADATA)
         except ScionError as e:
             return str(e).split(": ", 1)[-1]
     return None
@@ -64,7 +65,7 @@ def main(argv: list[str]) -> int:
     path = Path(args.path)
     if not path.exists():
         raise ScionError(f"{path}: no such run or checkpoint")
-    if (path / "model.safetensors").is_file() or (path / ckpt.COMPLETE).is_file():
+    if ckpt.holds_weights(path) or (path / ckpt.COMPLETE).is_file():
         run_dir = path.parent.parent if path.parent.name == "checkpoints" else None
         folders = [path]
     elif is_run(path):

@@ -136,9 +136,6 @@ class Sampler:
         data = torch.from_numpy(np.stack(rows))
         return data[:, :-1], data[:, 1:]
 
-    def epoch_of(self, g: int) -> float:
-        return g / self.epoch_size
-
 
 def eval_batches(splits: list[TokenSplit], seq_len: int, batch_size: int, num_batches: int):
     """The same validation windows every time: spread evenly over each split, batch by batch."""

@@ -33,6 +33,7 @@ from scion.errors import ScionError
 from scion.generate import generate_stream
 from scion.model import Transformer
 from scion.tokenizer import Tokenizer
+from scion.train.callbacks import Callback, due
 from scion.train.device import autocast
 
 # The metric a task is summarised by, in order of preference (acc_norm where defined, as the
@@ -333,19 +334,24 @@ def _human(tokens: int | None) -> str:
     return str(tokens)
 
 
-class TrainingTasks:
+class TrainingTasks(Callback):
     """The hook behind `train.eval_tasks`: a few harness tasks every `eval_tasks_every` steps,
-    returned as a record the trainer logs beside the loss. Task names are checked when training
-    starts, not at the first evaluation. The global RNGs the harness reseeds are restored, so
-    a run with evaluations trains exactly as one without."""
+    logged beside the loss. Task names are checked when training starts, not at the first
+    evaluation. The global RNGs the harness reseeds are restored, so a run with evaluations
+    trains exactly as one without."""
 
     def __init__(self, tcfg, tokenizer: Tokenizer | None, device: torch.device, precision: str):
         if tokenizer is None:
             raise ScionError("train.eval_tasks needs the run's tokenizer")
-        self.tasks, self.limit = list(tcfg.eval_tasks), tcfg.eval_tasks_limit
+        self.tasks, self.limit, self.every = list(tcfg.eval_tasks), tcfg.eval_tasks_limit, tcfg.eval_tasks_every
         self.batch_size = tcfg.micro_batch_size
         self.tokenizer, self.device, self.precision = tokenizer, device, precision
         self.manager = task_manager(self.tasks, tcfg.eval_tasks_include)
+
+    def post_step(self, trainer, loss: float, grad_norm: float) -> None:
+        if due(trainer, self.every):
+            trainer.metrics.write({"step": trainer.state.step, "tokens": trainer.state.tokens,
+                                   **self(trainer.model)})
 
     def __call__(self, model: Transformer) -> dict[str, float]:
         import random

@@ -179,6 +179,7 @@ class Experiment:
             provenance=provenance,
             resume=is_run(self.out / name),
             progress=self.progress,
+            resume_hint="the same scion experiment command again (it resumes every run)",
             **kwargs,
         )
         if trainer.stop_reason:

@@ -204,6 +204,7 @@ def run_grow(
             provenance=provenance,
             resume=is_run(rdir),
             progress=progress,
+            resume_hint=f"scion grow --resume {out}",
         )
         if trainer.stop_reason:
             raise Stopped(trainer.stop_reason, out)

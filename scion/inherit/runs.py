@@ -167,9 +167,11 @@ def train_run(
     loss_fn: LossFn = lm_loss,
     overwrite: bool = False,
     progress: bool | None = None,
+    resume_hint: str | None = None,
 ) -> Trainer:
     """Train `init()` as a new run in `run_dir`; with `resume`, continue the run there exactly
-    where it stopped (a run that stopped before its first checkpoint starts again from `init()`)."""
+    where it stopped (a run that stopped before its first checkpoint starts again from `init()`).
+    `resume_hint` is the command that continues it (by default `scion inherit --resume RUN_DIR`)."""
     run_dir = Path(run_dir)
     data_offset = int(provenance.get("data_offset_samples", 0))
     if data_offset:
@@ -207,6 +209,7 @@ def train_run(
         resume=resumable,
         loss_fn=loss_fn,
         progress=progress,
+        resume_hint=resume_hint or f"scion inherit --resume {run_dir}",
     )
 
 

@@ -321,6 +321,7 @@ def sft(
         loss_fn=sft_loss,
         progress=progress,
         extra_checkpoint_files=extra,
+        resume_hint=f"scion sft --resume {run_dir}",
     )
     return run_dir, trainer
 

@@ -5,6 +5,9 @@ are and which loss is used, all of which are handed in.
     trainer = Trainer(cfg, run_dir, model, batches, val_batches=..., tokenizer=...)
     trainer.fit()            # starts, or continues from the state given by `resume`
 
+What happens between steps (logging, validation, sampling, checkpointing, and what a recipe
+adds) is a callback: see scion.train.callbacks.
+
 Exactness: the batch for a step is a function of the step number alone (the sampler is
 indexed by global sample number), the LR is a function of the step, and sampling during
 training uses its own generator, so a run stopped and resumed from a checkpoint computes the
@@ -19,8 +22,8 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterable
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,15 +33,17 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from scion import checkpoint as ckpt
+from scion.checkpoint import FullStateIO
 from scion.config import RunConfig, parse_duration
-from scion.dist_checkpoint import FullStateIO
 from scion.errors import ScionError
 from scion.faults import fault_point
 from scion.generate import generate
-from scion.model import Transformer, flops_per_token
-from scion.train.device import autocast, memory_record, micro_batch_hint, peak_flops
+from scion.model import Transformer
+from scion.train.callbacks import Callback, Checkpointing, Sampling, ThroughputMonitor, Validation
+from scion.train.device import autocast
 from scion.train.guards import UPDATE, Divergence, Guards
 from scion.train.optim import build_optimizer, lr_at
+from scion.train.world import World
 
 MAX_ROLLBACKS = 5  # train.on_divergence = rollback: give up after this many in one process
 
@@ -68,22 +73,6 @@ class TrainState:
     skipped_steps: int = 0  # steps whose update was skipped for a non-finite loss or gradient
     best_val_loss: float | None = None
     extra: dict = field(default_factory=dict)  # recipe-specific counters
-
-
-@dataclass
-class World:
-    rank: int = 0
-    size: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @classmethod
-    def from_env(cls) -> World:
-        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                   int(os.environ.get("LOCAL_RANK", 0)))
 
 
 class MetricsLog:
@@ -147,7 +136,9 @@ class Trainer:
         progress: bool | None = None,
         log: Callable[[str], None] | None = None,
         extra_checkpoint_files: dict[str, Path] | None = None,
-        state_io=None,  # how weights and optimizer state are saved and read (scion.dist_checkpoint)
+        state_io=None,  # how weights and optimizer state are saved and read (scion.checkpoint.state_io)
+        callbacks: Sequence[Callback] = (),  # the recipe's own, run after validation, before sampling
+        resume_hint: str | None = None,  # the command that continues this run (default: scion pretrain's)
     ):
         self.cfg, self.tcfg = cfg, cfg.train
         self.run_dir = Path(run_dir)
@@ -169,11 +160,10 @@ class Trainer:
         self.global_batch, self.accum = self._batch_geometry()
         self.stop_reason: str | None = None
         self._signals = 0
-        self.task_eval = None  # benchmark tasks every train.eval_tasks_every steps (lm-eval)
-        if self.tcfg.eval_tasks and self.tcfg.eval_tasks_every:
-            from scion.evaluate.harness import TrainingTasks
-
-            self.task_eval = TrainingTasks(self.tcfg, tokenizer, self.device, precision)
+        self.callbacks: list[Callback] = [ThroughputMonitor(), Validation(), *callbacks, Sampling(), Checkpointing()]
+        self.resume_hint = resume_hint or f"scion pretrain --resume {self.run_dir}"
+        self.paused_s = 0.0  # time spent in callbacks that is not training time (for tokens/s)
+        self.bar = None  # the progress bar, while fit runs
         self.guards = Guards.from_config(self.tcfg)
         self.time_limit = parse_duration(self.tcfg.time_limit)
         self.rollbacks = 0
@@ -221,6 +211,8 @@ class Trainer:
             ckpt.prune(self.run_dir, self.tcfg.keep_last, last_good=path)
         if self.world.size > 1:
             dist.barrier()
+        for callback in self.callbacks:
+            callback.post_checkpoint_saved(self, path)
         return path
 
     def resume(self, ref: ckpt.CheckpointRef, reset_optimizer: bool = False) -> None:
@@ -273,104 +265,53 @@ class Trainer:
 
     # ---- the loop --------------------------------------------------------------------------
     def fit(self) -> TrainState:
-        t, model = self.tcfg, self.train_model
-        model.train()
-        fpt = flops_per_token(self.cfg.model, self.seq_len)
-        peak = peak_flops(self.device, self.precision)
+        t = self.tcfg
+        self.train_model.train()
         installed = []
-        hinted = False  # the micro-batch hint: once a run, after the first logged window
         if hasattr(signal, "SIGTERM"):  # every rank: torchrun passes the signal on to all of them
             for sig in (signal.SIGTERM, signal.SIGINT):
                 try:
                     installed.append((sig, signal.signal(sig, self._on_signal)))
                 except ValueError:  # not the main thread
                     break
-        bar = tqdm(total=t.max_steps, initial=self.state.step, unit="step", dynamic_ncols=True,
-                   disable=(not self.world.main) if self.progress is None else not (self.progress and self.world.main),
-                   file=sys.stderr, desc="train")
-        interactive = not bar.disable
+        show = self.world.main if self.progress is None else (self.progress and self.world.main)
+        self.bar = tqdm(total=t.max_steps, initial=self.state.step, unit="step", dynamic_ncols=True,
+                        disable=not show, file=sys.stderr, desc="train")
         started = time.time()
-        window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
-        window_paused = 0.0
-
-        @contextmanager
-        def paused():
-            # Evaluation, sampling and saving are not training time: leave them out of tokens/s.
-            nonlocal window_paused
-            start = time.perf_counter()
-            try:
-                yield
-            finally:
-                window_paused += time.perf_counter() - start
-
         try:
+            self._each_callback("on_fit_start")
             while self.state.step < t.max_steps:
                 try:
                     loss, grad_norm = self._step()
                 except Divergence as e:
                     self._roll_back(e)  # or stop: raises
-                    bar.n = self.state.step
-                    window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
-                    window_paused = 0.0
+                    self.bar.n = self.state.step
+                    self._each_callback("post_rollback")
                     continue
                 if self.time_limit and time.time() - started >= self.time_limit and not self.stop_reason:
                     self.stop_reason = f"time limit {t.time_limit}"
                     self.log(f"{self.stop_reason} reached: saving a checkpoint and stopping")
                 if self.world.size > 1:
                     self._agree_to_stop()
-                window_loss += loss
-                window_steps += 1
-                window_tokens += self.global_batch * self.seq_len
-                step = self.state.step
-                bar.update(1)
-
-                if step % t.log_every == 0 or step == t.max_steps:
-                    elapsed = time.perf_counter() - window_start - window_paused
-                    tps = window_tokens / elapsed
-                    record = {
-                        "step": step, "tokens": self.state.tokens, "loss": window_loss / window_steps,
-                        "lr": lr_at(step - 1, t), "grad_norm": grad_norm, "tokens_per_s": tps,
-                        "tokens_per_s_per_device": tps / self.world.size,
-                        "elapsed_s": time.time() - started, "skipped_steps": self.state.skipped_steps,
-                    }
-                    achieved = tps / self.world.size * fpt
-                    if peak and self.device.type == "cpu" and achieved > peak[0]:
-                        peak = self._remeasure_cpu_peak(achieved)
-                    if peak:
-                        record["mfu"] = achieved / peak[0]
-                    record.update(memory_record(self.device))
-                    self.metrics.write(record)
-                    if not hinted:
-                        hinted = True
-                        self._suggest_micro_batch(record)
-                    bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
-                    if not interactive:
-                        self.log(_format_record(record, t.max_steps))
-                    window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
-                    window_paused = 0.0
-
-                final = step == t.max_steps
-                if self.val_batches is not None and (step % t.eval_every == 0 or final):
-                    with paused():
-                        self.evaluate(bar)
-                if self.task_eval is not None and (step % t.eval_tasks_every == 0 or final):
-                    with paused():
-                        scores = self.task_eval(self.model)
-                    self.metrics.write({"step": step, "tokens": self.state.tokens, **scores})
-                if self.tokenizer is not None and t.sample_prompts and (step % t.sample_every == 0 or final):
-                    with paused():
-                        self.sample(bar)
-                milestone = t.milestone_every > 0 and step % t.milestone_every == 0
-                if step % t.checkpoint_every == 0 or final or milestone or self.stop_reason:
-                    with paused():
-                        self.save(milestone=milestone)
+                self.bar.update(1)
+                self._each_callback("post_step", loss, grad_norm)
                 if self.stop_reason:
                     break
         finally:
-            bar.close()
+            self._each_callback("on_fit_end")
+            self.bar.close()
             for sig, previous in installed:
                 signal.signal(sig, previous)
         return self.state
+
+    def _each_callback(self, hook: str, *args) -> None:
+        """Call `hook` on every callback in order; the time those that are not training take is
+        kept apart, so tokens/s counts training alone."""
+        for callback in self.callbacks:
+            start = time.perf_counter()
+            getattr(callback, hook)(self, *args)
+            if not callback.counts_as_training:
+                self.paused_s += time.perf_counter() - start
 
     def _roll_back(self, e: Divergence) -> None:
         """Reload the last good checkpoint and skip the data between it and the bad step
@@ -381,7 +322,7 @@ class Trainer:
             tried = f" after {self.rollbacks} rollbacks" if self.rollbacks else ""
             hint = "lower --lr or raise --warmup-steps"
             if ref:
-                hint += f" or set --on-divergence rollback, and run scion pretrain --resume {self.run_dir}"
+                hint += f" or set --on-divergence rollback, and run {self.resume_hint}"
             raise Divergence(e.step, f"{e.reason}; stopped{tried} before the update; {where}; {hint}")
         skipped = self.state.extra.get("skipped_data_steps", 0) + (e.step - ref.step)
         self.rollbacks += 1
@@ -430,29 +371,6 @@ class Trainer:
         self.state.step += 1
         self.state.tokens += self.global_batch * self.seq_len
         return loss_value, norm_value
-
-    def _remeasure_cpu_peak(self, achieved: float) -> tuple[float, str] | None:
-        """A CPU run faster than the cached matmul peak: that peak was measured while the machine
-        was busy. Measure it again; if this run still beats it, report no MFU rather than one
-        above 100%."""
-        peak = peak_flops(self.device, self.precision, refresh=True)
-        if peak[0] < achieved:
-            self.log(f"this run's {achieved / 1e9:.1f} GFLOP/s beats the CPU's measured {self.precision} matmul "
-                     f"peak ({peak[0] / 1e9:.1f} GFLOP/s): no MFU is reported for it")
-            return None
-        self.log(f"the cached {self.precision} matmul peak was below this run's rate; measured again: "
-                 f"{peak[0] / 1e9:.1f} GFLOP/s")
-        return peak
-
-    def _suggest_micro_batch(self, record: dict) -> None:
-        """On a GPU with room for twice the micro-batch, say so (see `micro_batch_hint`)."""
-        if self.device.type != "cuda":
-            return
-        total = torch.cuda.get_device_properties(self.device).total_memory / 2**30
-        held = torch.cuda.memory_allocated(self.device) / 2**30
-        hint = micro_batch_hint(record["max_memory_GiB"], held, total, self.tcfg.micro_batch_size, self.accum)
-        if hint:
-            self.log(hint)  # the main rank's
 
     @torch.no_grad()
     def evaluate(self, bar=None) -> float | None:
@@ -506,10 +424,3 @@ class Trainer:
             lines.append(f"  {prompt!r} -> {text!r}")
         self.log(f"step {self.state.step} samples:\n" + "\n".join(lines))
 
-
-def _format_record(r: dict, max_steps: int) -> str:
-    mfu = f" | mfu {r['mfu'] * 100:.1f}%" if "mfu" in r else ""
-    memory = r.get("max_memory_GiB", r.get("max_rss_GiB"))
-    memory = f" | mem {memory:.1f} GiB" if memory is not None else ""
-    return (f"step {r['step']}/{max_steps} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | "
-            f"grad {r['grad_norm']:.2f} | {r['tokens_per_s']:,.0f} tok/s{mfu}{memory}")

@@ -1,22 +1,11 @@
-"""Checkpoints: the full training state, written atomically, verified when read.
-
-A checkpoint is a folder `RUN_DIR/checkpoints/step-00000200` (milestones add the tokens seen:
-`step-00001000-2.05M-tokens`) holding:
-    model.safetensors   the weights
-    optimizer.pt        optimizer state (tensors and numbers only; read with weights_only=True)
-    rng.pt              torch RNG states
-    trainer.json        step, tokens seen, sampler position, model config, world size, ...
-    checksums.json      SHA-256 of every file above; written last, it marks the folder complete
-
-A run trained with FSDP writes its weights and optimizer state sharded, by all ranks at once,
-instead of model.safetensors and optimizer.pt (see scion.dist_checkpoint):
-    dcp/                torch.distributed.checkpoint shards, reshardable to any world size
-    optimizer_groups.json  the optimizer's hyperparameters per parameter group
-    model.safetensors   a consolidated copy of the weights, for small models (or `scion consolidate`)
+"""A checkpoint folder: written atomically, verified when read, pruned by age.
 
 Writing happens in a hidden temporary folder that is renamed into place only when complete, so
-a crash mid-save never leaves a folder that looks like a checkpoint. Nothing here executes code
-from a file: weights are safetensors, the rest is JSON or tensors read with weights_only.
+a crash mid-save never leaves a folder that looks like a checkpoint; `checksums.json`, written
+last, records the SHA-256 of every file. Nothing here executes code from a file: weights are
+safetensors, the rest is JSON or tensors read with weights_only. What the folder holds is named
+in scion.checkpoint.layout; how weights and optimizer state get there, in scion.checkpoint.full
+and scion.checkpoint.sharded.
 """
 
 from __future__ import annotations
@@ -27,45 +16,32 @@ import os
 import re
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from scion.checkpoint.layout import (
+    CHECKPOINTS,
+    COMPLETE,
+    DCP_METADATA,
+    MODEL,
+    NAME,
+    OPTIMIZER,
+    RNG,
+    TRAINER,
+    WEIGHT_FILES,
+    CheckpointRef,
+    checkpoint_name,
+)
 from scion.errors import ScionError
 from scion.faults import fault_point
-
-NAME = re.compile(r"^step-(\d{8})(-.+-tokens)?$")
-COMPLETE = "checksums.json"
-# Files that hold the weights: whole (safetensors), or sharded (torch.distributed.checkpoint).
-WEIGHT_FILES = ("model.safetensors", "dcp/.metadata")
-
-
-@dataclass(frozen=True)
-class CheckpointRef:
-    path: Path
-    step: int
-    milestone: bool
-
-
-def checkpoint_name(step: int, tokens: int, milestone: bool) -> str:
-    if not milestone:
-        return f"step-{step:08d}"
-    return f"step-{step:08d}-{human_tokens(tokens)}-tokens"
-
-
-def human_tokens(n: int) -> str:
-    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= size:
-            return f"{n / size:.3g}{unit}"
-    return str(n)
 
 
 def list_checkpoints(run_dir: str | Path) -> list[CheckpointRef]:
     """Complete checkpoints of a run (those with a completion marker), oldest first."""
-    folder = Path(run_dir) / "checkpoints"
+    folder = Path(run_dir) / CHECKPOINTS
     refs = []
     if folder.is_dir():
         for p in folder.iterdir():
@@ -81,6 +57,26 @@ def _sha256(path: Path) -> str:
         while chunk := fh.read(1 << 22):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb+") as fh:
+        os.fsync(fh.fileno())
+
+
+def _write_checksums(folder: Path, sums: dict[str, str]) -> None:
+    """checksums.json, replaced atomically (it is what marks the folder complete)."""
+    tmp = folder / f".{COMPLETE}.tmp"
+    tmp.write_text(json.dumps(dict(sorted(sums.items())), indent=1))
+    _fsync(tmp)
+    os.replace(tmp, folder / COMPLETE)
+
+
+def record_checksum(folder: Path, name: str) -> None:
+    """Add a file written into a complete checkpoint later (its consolidated weights) to its checksums."""
+    sums = json.loads((folder / COMPLETE).read_text())
+    sums[name] = _sha256(folder / name)
+    _write_checksums(folder, sums)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -118,20 +114,20 @@ def save_checkpoint(
     folder to files or folders to copy, or to functions that write the file at that path.
     `staging` is a folder from `staging_folder` that already holds files written by all ranks
     (sharded weights and optimizer state); `model_weights` may then be None."""
-    root = Path(run_dir) / "checkpoints"
+    root = Path(run_dir) / CHECKPOINTS
     final = root / checkpoint_name(step, tokens, milestone)
     tmp = staging or staging_folder(run_dir, step, tokens, milestone)
     try:
         if model_weights is not None:
-            save_file(model_weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            save_file(model_weights, str(tmp / MODEL), metadata={"format": "pt"})
         fault_point("checkpoint")
         if optimizer_state is not None:
-            _torch_save(optimizer_state, tmp / "optimizer.pt")
+            _torch_save(optimizer_state, tmp / OPTIMIZER)
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             rng["cuda"] = torch.cuda.get_rng_state_all()
-        _torch_save(rng, tmp / "rng.pt")
-        (tmp / "trainer.json").write_text(json.dumps({**trainer_state, "step": step, "tokens": tokens}, indent=1))
+        _torch_save(rng, tmp / RNG)
+        (tmp / TRAINER).write_text(json.dumps({**trainer_state, "step": step, "tokens": tokens}, indent=1))
         for name, src in (extra_files or {}).items():
             dst = tmp / name
             if callable(src):  # a writer, called with the destination path
@@ -143,13 +139,9 @@ def save_checkpoint(
         sums = {}
         for f in sorted(tmp.rglob("*")):
             if f.is_file():
-                with open(f, "rb+") as fh:
-                    os.fsync(fh.fileno())
+                _fsync(f)
                 sums[str(f.relative_to(tmp))] = _sha256(f)
-        marker = tmp / COMPLETE
-        marker.write_text(json.dumps(sums, indent=1))
-        with open(marker, "rb+") as fh:
-            os.fsync(fh.fileno())
+        _write_checksums(tmp, sums)
         _fsync_dir(tmp)
         if final.exists():  # the same step saved again (a resumed run re-reaching it)
             old = root / f".old-{final.name}-{os.getpid()}"
@@ -172,7 +164,7 @@ def save_checkpoint(
 
 def staging_folder(run_dir: str | Path, step: int, tokens: int, milestone: bool = False) -> Path:
     """A fresh hidden folder next to where the checkpoint will go; renamed into place when complete."""
-    root = Path(run_dir) / "checkpoints"
+    root = Path(run_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".tmp-{checkpoint_name(step, tokens, milestone)}-{os.getpid()}"
     if tmp.exists():
@@ -232,7 +224,7 @@ def find_resumable(run_dir: str | Path, verify: bool = True, warn=print) -> Chec
 
 def _report_incomplete(run_dir: str | Path, after: int, warn) -> None:
     """Checkpoint folders newer than `after` without a completion marker (copied in part, say)."""
-    folder = Path(run_dir) / "checkpoints"
+    folder = Path(run_dir) / CHECKPOINTS
     for p in sorted(folder.iterdir()) if folder.is_dir() else []:
         m = NAME.match(p.name)
         if m and int(m.group(1)) > after and p.is_dir() and not (p / COMPLETE).is_file():
@@ -240,11 +232,11 @@ def _report_incomplete(run_dir: str | Path, after: int, warn) -> None:
 
 
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    f = Path(path) / "model.safetensors" if Path(path).is_dir() else Path(path)
+    f = Path(path) / MODEL if Path(path).is_dir() else Path(path)
     try:
         return load_file(str(f))
     except FileNotFoundError as e:
-        if (f.parent / "dcp" / ".metadata").is_file():
+        if (f.parent / DCP_METADATA).is_file():
             raise ScionError(f"{f.parent}: the weights are saved sharded only; write {f.name} with "
                              f"`scion consolidate {f.parent}`") from e
         raise ScionError(f"{f}: no weights found") from e
@@ -252,10 +244,10 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
         raise ScionError(f"{f}: unreadable weights ({e}); use an earlier checkpoint") from e
 
 
-def load_into(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: str | Path) -> None:
-    """Copy weights into a model, naming exactly what does not fit."""
+def check_fits(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: str | Path) -> None:
+    """Refuse weights that do not fit the model, naming exactly what does not."""
     expected = model.state_dict()
-    missing = [k for k in expected if k not in weights and not _is_tied_alias(model, k)]
+    missing = [k for k in expected if k not in weights and not (k == "lm_head.weight" and is_tied(model))]
     unexpected = [k for k in weights if k not in expected]
     wrong = [k for k, v in weights.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
     if missing or unexpected or wrong:
@@ -268,17 +260,24 @@ def load_into(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: 
             ) if part
         )
         raise ScionError(f"{source}: weights do not fit this model architecture ({detail})")
+
+
+def load_into(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: str | Path) -> None:
+    """Copy weights into a model, naming exactly what does not fit."""
+    check_fits(model, weights, source)
+    expected = model.state_dict()
     with torch.no_grad():
         for k, v in weights.items():
             expected[k].copy_(v)
 
 
-def _is_tied_alias(model: torch.nn.Module, key: str) -> bool:
-    return key == "lm_head.weight" and getattr(getattr(model, "cfg", None), "tie_embeddings", False)
+def is_tied(model: torch.nn.Module) -> bool:
+    """The output layer shares the embedding's weights: checkpoints store them once, as the embedding."""
+    return bool(getattr(getattr(model, "cfg", None), "tie_embeddings", False))
 
 
 def load_trainer_state(path: str | Path) -> dict:
-    f = Path(path) / "trainer.json"
+    f = Path(path) / TRAINER
     try:
         return json.loads(f.read_text())
     except (FileNotFoundError, json.JSONDecodeError) as e:
@@ -286,12 +285,12 @@ def load_trainer_state(path: str | Path) -> dict:
 
 
 def load_optimizer_state(path: str | Path) -> dict:
-    f = Path(path) / "optimizer.pt"
+    f = Path(path) / OPTIMIZER
     return safe_torch_load(f)
 
 
 def load_rng(path: str | Path) -> None:
-    f = Path(path) / "rng.pt"
+    f = Path(path) / RNG
     if not f.exists():
         return
     rng = safe_torch_load(f)
@@ -323,7 +322,7 @@ def prune(run_dir: str | Path, keep_last: int, last_good: Path | None = None) ->
     for ref in refs[:-keep_last] if keep_last > 0 else []:
         if ref.path.resolve() != protected:
             shutil.rmtree(ref.path, ignore_errors=True)
-    root = Path(run_dir) / "checkpoints"
+    root = Path(run_dir) / CHECKPOINTS
     for stale in [*root.glob(".tmp-*"), *root.glob(".old-*")]:  # left by a crash mid-save
         name, _, pid = stale.name.partition("-")[2].rpartition("-")
         if pid.isdigit() and _alive(int(pid)):

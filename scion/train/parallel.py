@@ -23,7 +23,7 @@ from torch import nn
 
 from scion.errors import ScionError
 from scion.train.compile import compile_blocks
-from scion.train.loop import World
+from scion.train.world import World
 
 
 def init_distributed(parallel: str, device: torch.device) -> World:
@@ -133,19 +133,6 @@ def materialize(model: nn.Module, device: torch.device, generator: torch.Generat
             whole = distribute_tensor(whole.to(device), param.device_mesh, param.placements, src_data_rank=None)
         param.copy_(whole)
     model.init_buffers()
-
-
-def is_sharded(model: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
-
-
-def state_io(parallel: str, consolidate: str = "auto"):
-    """How checkpoints are written and read for this kind of parallelism (see dist_checkpoint)."""
-    from scion.dist_checkpoint import FullStateIO, ShardedStateIO
-
-    return ShardedStateIO(consolidate) if parallel == "fsdp" else FullStateIO()
 
 
 def shutdown() -> None:

@@ -8,7 +8,7 @@ refuses storage entries that point outside the checkpoint folder. The tensor dat
 already read with `torch.load(weights_only=True)` by DCP.
 
     state = {"model": model.state_dict()}
-    read_dcp(state, "runs/a/checkpoints/step-00000200")       # loads in place, like dcp.load
+    read_dcp(state, "runs/a/checkpoints/step-00000200/dcp")   # loads in place, like dcp.load
     dcp.load(state, storage_reader=SafeFileSystemReader(path))  # the same, spelled out
 """
 
@@ -102,8 +102,11 @@ def read_dcp(state_dict: dict[str, Any], path: str | os.PathLike, **kwargs: Any)
     load_metadata(path / ".metadata")  # refuse a hostile or broken file with its own message first
     try:
         dcp.load(state_dict, storage_reader=SafeFileSystemReader(path), **kwargs)
-    except CheckpointException as e:
-        reason = next((line for line in reversed(str(e).splitlines()) if line.strip()), type(e).__name__)
-        raise ScionError(f"{path}: could not load the sharded checkpoint ({reason.strip()}); "
-                         "use an earlier checkpoint") from e
+    except ScionError:
+        raise
+    except Exception as e:  # DCP gathers every rank's failure into one CheckpointException
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        reason = (lines[-1] if isinstance(e, CheckpointException) else lines[0])[:300] if lines else type(e).__name__
+        raise ScionError(f"{path}: could not load the sharded checkpoint ({reason}): it does not fit this model "
+                         "or is damaged; use the run's own config or an earlier checkpoint") from e
     return state_dict

@@ -1,17 +1,11 @@
-"""Reading and writing the model and optimizer parts of a checkpoint, for each kind of
-parallelism. The training loop holds one of these and calls it to save and resume; the rest
-of the checkpoint folder (atomic rename, checksums, trainer.json, RNG) is scion.checkpoint's.
+"""The sharded strategy: FSDP runs, whose parameters are DTensors.
 
-    FullStateIO     one process, or DDP: rank 0 writes model.safetensors and optimizer.pt
-    ShardedStateIO  FSDP: every rank writes its shards with torch.distributed.checkpoint (DCP)
-                    into dcp/ at once; rank 0 adds a consolidated model.safetensors for small
-                    models (`consolidate="auto"`) and the rest of the folder
-
-Either reads either format, so a run can change its parallelism or its world size when it
-resumes: DCP reshards on load (saved on N ranks, read on M), and whole tensors are split or
-gathered through `torch.distributed.checkpoint.state_dict`. Only tensors go through DCP; the
-optimizer's hyperparameters are JSON, so reading a sharded checkpoint never unpickles Python
-objects except DCP's own `.metadata` index, which `open_reader` reads.
+Every rank writes its own shards with torch.distributed.checkpoint (DCP) into `dcp/` at once;
+rank 0 adds a consolidated `model.safetensors` for small models (`consolidate="auto"`) and the
+rest of the folder (scion.checkpoint.folder). It reads either format: DCP reshards on load (saved
+on N ranks, read on M), and whole tensors are split through `torch.distributed.checkpoint.state_dict`.
+Only tensors go through DCP; the optimizer's hyperparameters are JSON, and DCP's `.metadata`
+index is read by scion.checkpoint.safe_dcp, which runs no code from it.
 """
 
 from __future__ import annotations
@@ -27,51 +21,16 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 from torch import nn
 
-from scion import checkpoint as ckpt
+from scion.checkpoint import folder as files
+from scion.checkpoint.layout import DCP_DIR, GROUPS, MODEL, is_sharded_checkpoint
+from scion.checkpoint.safe_dcp import read_dcp
 from scion.errors import ScionError
 
-DCP_DIR = "dcp"
-GROUPS_FILE = "optimizer_groups.json"
 CONSOLIDATE_MAX_PARAMS = 2_000_000_000  # "auto" writes model.safetensors up to this size (8 GB in fp32)
-
-
-def is_sharded_checkpoint(folder: str | Path) -> bool:
-    return (Path(folder) / DCP_DIR / ".metadata").is_file()
-
-
-def has_whole_weights(folder: str | Path) -> bool:
-    return (Path(folder) / "model.safetensors").is_file()
 
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
-
-
-# ---- strategies ---------------------------------------------------------------------------
-
-
-class FullStateIO:
-    """Whole tensors: the model is a plain module on every rank (single process or DDP)."""
-
-    def save(self, run_dir: Path, step: int, tokens: int, model: nn.Module, optimizer, trainer_state: dict,
-             main: bool, *, milestone: bool = False, extra_files: dict[str, Path] | None = None,
-             ) -> Path | None:
-        if not main:
-            return None
-        return ckpt.save_checkpoint(run_dir, step, tokens, ckpt.model_state(model), optimizer.state_dict(),
-                                    trainer_state, milestone=milestone, extra_files=extra_files)
-
-    def load_model(self, folder: Path, model: nn.Module) -> None:
-        if has_whole_weights(folder) or not is_sharded_checkpoint(folder):
-            ckpt.load_into(model, ckpt.load_weights(folder), folder)
-        else:
-            load_sharded(folder, model)
-
-    def load_optimizer(self, folder: Path, model: nn.Module, optimizer) -> None:
-        if is_sharded_checkpoint(folder):
-            load_sharded(folder, model, optimizer, weights=False)
-        else:
-            optimizer.load_state_dict(ckpt.load_optimizer_state(folder))
 
 
 class ShardedStateIO:
@@ -92,7 +51,7 @@ class ShardedStateIO:
              ) -> Path | None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        staging = [ckpt.staging_folder(run_dir, step, tokens, milestone) if main else None]
+        staging = [files.staging_folder(run_dir, step, tokens, milestone) if main else None]
         if _distributed():
             dist.broadcast_object_list(staging, src=0)
         staging = Path(staging[0])
@@ -113,7 +72,7 @@ class ShardedStateIO:
             dist.barrier()  # every rank's shards are on disk
         if not main:
             return None
-        return ckpt.save_checkpoint(run_dir, step, tokens, whole, None, trainer_state, milestone=milestone,
+        return files.save_checkpoint(run_dir, step, tokens, whole, None, trainer_state, milestone=milestone,
                                     extra_files=extra_files, staging=staging)
 
     def load_model(self, folder: Path, model: nn.Module) -> None:
@@ -122,9 +81,9 @@ class ShardedStateIO:
             return
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-        weights = ckpt.load_weights(folder)
-        _check_keys(model, weights, folder)
-        if "embed.weight" in weights and _is_tied(model):
+        weights = files.load_weights(folder)
+        files.check_fits(model, weights, folder)
+        if "embed.weight" in weights and files.is_tied(model):
             weights["lm_head.weight"] = weights["embed.weight"]
         set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
 
@@ -138,7 +97,7 @@ class ShardedStateIO:
             set_optimizer_state_dict,
         )
 
-        saved = ckpt.load_optimizer_state(folder)  # keyed by parameter index, in param-group order
+        saved = files.load_optimizer_state(folder)  # keyed by parameter index, in param-group order
         current = get_optimizer_state_dict(model, optimizer)  # keyed by name, in the same order
         names = [name for group in current["param_groups"] for name in group["params"]]
         if len(saved.get("param_groups", ())) != len(current["param_groups"]) or \
@@ -175,22 +134,13 @@ def save_sharded(folder: Path, model: nn.Module, optimizer=None) -> None:
         raise ScionError(f"{folder}: could not write the sharded checkpoint ({_first_line(e)}); the previous "
                          "checkpoints are untouched. Free disk space or fix permissions, then resume") from e
     if groups is not None and (not _distributed() or dist.get_rank() == 0):
-        (folder / GROUPS_FILE).write_text(json.dumps(groups, indent=1))
-
-
-def open_reader(folder: Path):
-    """The DCP storage reader for a checkpoint's shards. DCP's own FileSystemReader unpickles the
-    `.metadata` index freely; this one admits only DCP's metadata classes (scion.safe_dcp)."""
-    from scion.safe_dcp import SafeFileSystemReader
-
-    return SafeFileSystemReader(folder / DCP_DIR)
+        (folder / GROUPS).write_text(json.dumps(groups, indent=1))
 
 
 def load_sharded(folder: str | Path, model: nn.Module, optimizer=None, *, weights: bool = True) -> None:
     """Read a sharded checkpoint into `model` (and `optimizer`), whatever the world size it was
     saved with and whatever this model's layout: FSDP shards, DDP replicas or a plain module.
     Every rank calls it at once when a process group is up."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
         get_model_state_dict,
         get_optimizer_state_dict,
@@ -206,12 +156,8 @@ def load_sharded(folder: str | Path, model: nn.Module, optimizer=None, *, weight
         osd = get_optimizer_state_dict(model, optimizer)  # creates the optimizer's state to read into
         state["optimizer"] = {"state": osd["state"]}
         osd["param_groups"] = _saved_groups(folder, osd["param_groups"])
-    try:
-        with _one_process_is_fine():
-            dcp.load(state, storage_reader=open_reader(folder), no_dist=not _distributed())
-    except Exception as e:
-        raise ScionError(f"{folder / DCP_DIR}: the sharded checkpoint does not fit this model or is damaged "
-                         f"({_first_line(e)}); use the run's own config or an earlier checkpoint") from e
+    with _one_process_is_fine():
+        read_dcp(state, folder / DCP_DIR, no_dist=not _distributed())
     if weights:
         set_model_state_dict(model, state["model"])
     if optimizer is not None:
@@ -220,7 +166,7 @@ def load_sharded(folder: str | Path, model: nn.Module, optimizer=None, *, weight
 
 def _saved_groups(folder: Path, current: list[dict]) -> list[dict]:
     """The saved hyperparameters of each parameter group, over the current groups' parameters."""
-    path = folder / GROUPS_FILE
+    path = folder / GROUPS
     try:
         saved = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -248,12 +194,12 @@ def consolidate(folder: str | Path, model: nn.Module, out: str | Path | None = N
     if not is_sharded_checkpoint(folder):
         raise ScionError(f"{folder}: not a sharded checkpoint (no {DCP_DIR}/.metadata); "
                          "nothing to consolidate")
-    problem = ckpt.verify_checkpoint(folder)
+    problem = files.verify_checkpoint(folder)
     if problem is not None:
         raise ScionError(f"{folder}: {problem}; consolidate an intact checkpoint")
     load_sharded(folder, model)
-    weights = ckpt.model_state(model)
-    target = Path(out) if out is not None else folder / "model.safetensors"
+    weights = files.model_state(model)
+    target = Path(out) if out is not None else folder / MODEL
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     try:
         save_file(weights, str(tmp), metadata={"format": "pt"})
@@ -264,43 +210,18 @@ def consolidate(folder: str | Path, model: nn.Module, out: str | Path | None = N
         tmp.unlink(missing_ok=True)
         raise ScionError(f"{target}: could not write the weights ({e.strerror or e})") from e
     if out is None:
-        _record_checksum(folder, target.name)
+        files.record_checksum(folder, target.name)
     return target
-
-
-def _record_checksum(folder: Path, name: str) -> None:
-    marker = folder / ckpt.COMPLETE
-    sums = json.loads(marker.read_text())
-    sums[name] = ckpt._sha256(folder / name)
-    tmp = marker.with_name(f".{marker.name}.tmp")
-    tmp.write_text(json.dumps(dict(sorted(sums.items())), indent=1))
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, marker)
 
 
 # ---- helpers ------------------------------------------------------------------------------
 
 
-def _is_tied(model: nn.Module) -> bool:
-    return bool(getattr(getattr(model, "cfg", None), "tie_embeddings", False))
-
-
 def _drop_tied_alias(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """As scion.checkpoint.model_state: tied weights are stored once, under the embedding's name."""
-    if _is_tied(model):
+    """As scion.checkpoint.folder.model_state: tied weights are stored once, under the embedding's name."""
+    if files.is_tied(model):
         state.pop("lm_head.weight", None)
     return {k: v.contiguous() for k, v in state.items()}
-
-
-def _check_keys(model: nn.Module, weights: dict[str, torch.Tensor], source: Path) -> None:
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in weights and not (k == "lm_head.weight" and _is_tied(model))]
-    unexpected = [k for k in weights if k not in expected]
-    wrong = [k for k, v in weights.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
-    if missing or unexpected or wrong:
-        detail = ", ".join((missing + unexpected + wrong)[:3])
-        raise ScionError(f"{source}: weights do not fit this model architecture ({detail})")
 
 
 @contextmanager

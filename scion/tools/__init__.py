@@ -1,0 +1,1 @@
+"""Tools for working on scion itself (not used by the commands)."""
