@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from scion import checkpoint as ckpt
+from scion.checkpoint.layout import CHECKPOINTS
 from scion.config import RunConfig, load_yaml
 from scion.errors import ScionError
 from scion.lock import LOCK_NAME, hold
@@ -32,6 +33,18 @@ RUN_FILES = ("config.yaml", "metrics.jsonl", "samples.jsonl", "checkpoints", "to
 
 def is_run(path: str | Path) -> bool:
     return (Path(path) / "config.yaml").is_file()
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    """A checkpoint folder of a run: it holds weights and sits in the run's checkpoints/."""
+    path = Path(path)
+    return ckpt.holds_weights(path) and path.parent.name == CHECKPOINTS
+
+
+def is_scion_source(path: str | Path) -> bool:
+    """A scion run directory or one of its checkpoint folders (anything else a command takes as a
+    model is a Hugging Face folder or hub id; see scion.source)."""
+    return is_run(path) or is_checkpoint(path)
 
 
 def check_new_run_dir(path: str | Path, overwrite: bool) -> None:
@@ -85,7 +98,7 @@ def resolve_checkpoint(path: str | Path, which: str | None = None) -> tuple[Path
     path = Path(path)
     if not path.exists():
         raise ScionError(f"{path}: no such run or checkpoint")
-    if ckpt.holds_weights(path) and path.parent.name == "checkpoints":
+    if is_checkpoint(path):
         return path.parent.parent, path
     if not is_run(path):
         raise ScionError(f"{path}: not a scion run (no config.yaml) or checkpoint folder")

@@ -16,7 +16,7 @@ from scion.data.dataset import TokenSplit, is_prepared
 from scion.data.readers import BadFile, expand_paths, read_pieces
 from scion.errors import ScionError
 from scion.model import Transformer
-from scion.run import is_run, load_model
+from scion.source import load_source
 from scion.tokenizer import Tokenizer
 
 
@@ -43,36 +43,18 @@ class Subject:
         return min(self.config.train.sequence_length(self.config.model), cap)
 
 
-def is_scion_source(source: str | Path) -> bool:
-    path = Path(source)
-    return is_run(path) or ((path / "model.safetensors").is_file() and path.parent.name == "checkpoints")
-
-
 def load_subject(source: str, checkpoint: str | None = None, device: torch.device | str = "cpu",
                  dtype: torch.dtype | None = None) -> Subject:
-    """A scion run or checkpoint folder, or else whatever `scion.interop.load_reference`
-    accepts (a Hugging Face Llama or GPT-2 folder)."""
-    if is_scion_source(source):
-        loaded = load_model(source, checkpoint, device=device, dtype=dtype)
-        run_dir = loaded.checkpoint.parent.parent
-        name = run_dir.name if Path(source).resolve() == run_dir.resolve() else \
-            f"{run_dir.name}/{loaded.checkpoint.name}"
-        return Subject(name, str(source), loaded.model, loaded.tokenizer, loaded.config, run_dir,
-                       loaded.checkpoint)
-    if checkpoint is not None:
-        raise ScionError(f"{source}: --checkpoint picks a checkpoint of a scion run, and this is not one")
-    try:
-        from scion.interop import load_reference
-    except ImportError as e:
-        missing = "" if Path(source).exists() else " (and no such file or folder exists)"
-        raise ScionError(
-            f"{source}: not a scion run or checkpoint folder{missing}; analysing a Hugging Face model needs "
-            "scion.interop, which this installation lacks: convert it to a scion run first"
-        ) from e
-    model, tokenizer, cfg = load_reference(source)
-    model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
-    model.eval()
-    return Subject(Path(str(source).rstrip("/")).name or str(source), str(source), model, tokenizer, cfg)
+    """A scion run or checkpoint folder, or a Hugging Face model (scion.source.load_source)."""
+    loaded = load_source(source, device, checkpoint=checkpoint, dtype=dtype)
+    run_dir = loaded.run_dir
+    if run_dir is None:
+        name = Path(str(source).rstrip("/")).name or str(source)
+    elif Path(source).resolve() == run_dir.resolve():
+        name = run_dir.name
+    else:
+        name = f"{run_dir.name}/{loaded.checkpoint.name}"
+    return Subject(name, str(source), loaded.model, loaded.tokenizer, loaded.config, run_dir, loaded.checkpoint)
 
 
 # ---- sequences ----------------------------------------------------------------------------

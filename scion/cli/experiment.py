@@ -9,7 +9,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from scion.cli.options import add_progress_flag, progress_choice
+from scion.cli.options import add_progress_flag, progress_choice, stopped_early
 from scion.errors import ScionError
 
 EXAMPLES = """
@@ -84,8 +84,7 @@ def main(argv: list[str]) -> int:
     try:
         rows = experiment.run()
     except Stopped as stop:
-        print(f"stopped early ({stop.reason}); run the same command again to continue", file=sys.stderr)
-        return 75
+        return stopped_early(stop.reason, "run the same command again to continue")
     if not rows:
         raise ScionError("the experiment trained nothing; check --recipes")
     plots = experiment.plot()

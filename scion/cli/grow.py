@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from scion.cli.inherit import add_run_flags, add_spec_flags, check_model_overrides, spec_from_args
-from scion.cli.options import base_parser, parse_config, progress_choice
+from scion.cli.options import base_parser, parse_config, progress_choice, refuse_out_with_resume, stopped_early
 from scion.errors import ScionError
 
 EXAMPLES = """
@@ -22,7 +22,6 @@ Each round is a scion run in OUT/round-R. The reference's validation loss is mea
 same validation batches as the target's. OUT/summary.md holds the table.
 """
 
-STOPPED_EARLY = 75
 
 
 def main(argv: list[str]) -> int:
@@ -62,8 +61,7 @@ def main(argv: list[str]) -> int:
     if pre.resume:
         out = Path(pre.resume)
         settings, cfg = load_settings(out)
-        if pre.out and Path(pre.out).resolve() != out.resolve():
-            raise ScionError("--resume continues a growth run in place; drop --out")
+        refuse_out_with_resume(pre.out, out, "a growth run")
         rest = [a for a in argv if a not in ("--resume", pre.resume, "--progress", pre.progress)]
         if rest:
             raise ScionError(f"--resume takes the saved settings; drop {' '.join(rest)}")
@@ -97,8 +95,7 @@ def main(argv: list[str]) -> int:
             overwrite=pre.overwrite,
         )
     except Stopped as e:
-        print(f"stopped early ({e.reason}); continue with: scion grow --resume {out}", file=sys.stderr)
-        return STOPPED_EARLY
+        return stopped_early(e.reason, f"continue with: scion grow --resume {out}")
     finally:
         from scion.train.parallel import shutdown
 

@@ -7,7 +7,14 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from scion.cli.options import add_progress_flag, base_parser, parse_config, progress_choice
+from scion.cli.options import (
+    add_progress_flag,
+    base_parser,
+    parse_config,
+    progress_choice,
+    refuse_out_with_resume,
+    stopped_early,
+)
 from scion.errors import ScionError
 
 EXAMPLES = """
@@ -24,7 +31,6 @@ Every `scion pretrain` option works (--max-steps, --lr, --data, ...); the model 
 reference's with fewer layers, and training starts from the reference's saved training config.
 """
 
-STOPPED_EARLY = 75
 
 
 def add_spec_flags(p: argparse.ArgumentParser) -> None:
@@ -171,11 +177,7 @@ def _train(
         )
     shutdown()
     if trainer.stop_reason:
-        print(
-            f"stopped early ({trainer.stop_reason}); continue with: scion inherit --resume {out}",
-            file=sys.stderr,
-        )
-        return STOPPED_EARLY
+        return stopped_early(trainer.stop_reason, f"continue with: scion inherit --resume {out}")
     return 0
 
 
@@ -194,7 +196,6 @@ def _resume(p, argv: list[str], run_dir: Path, progress) -> int:
     saved = load_config(run_dir)
     args, cfg = parse_config(p, argv, base=saved)
     check_model_overrides(cfg.model, saved.model)
-    if args.out and Path(args.out).resolve() != run_dir.resolve():
-        raise ScionError("--resume continues a run in place; drop --out")
+    refuse_out_with_resume(args.out, run_dir)
     spec = InheritSpec(**provenance["spec"])
     return _train(cfg, run_dir, None, spec, False, progress, resume_provenance=provenance)

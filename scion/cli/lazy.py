@@ -66,7 +66,8 @@ def main(argv: list[str]) -> int:
 
     from scion.analysis.attention import LazySettings, format_table, parse_index_list
     from scion.analysis.lazy import LazyOptions, analyse, compare, write_outputs
-    from scion.analysis.sources import is_scion_source, load_subject, validation_sequences
+    from scion.analysis.sources import load_subject, validation_sequences
+    from scion.run import is_scion_source
 
     settings = LazySettings(args.rank_threshold, args.mass_threshold, args.degenerate_rank,
                             args.degenerate_columns, args.lazy_fraction)

@@ -13,11 +13,12 @@ import dataclasses
 import io
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import tyro
 
 from scion.config import DataConfig, ModelConfig, RunConfig, TrainConfig, load_yaml, preset
-from scion.errors import ScionError
+from scion.errors import STOPPED_EARLY, ScionError
 
 
 @dataclass
@@ -46,6 +47,18 @@ def add_config_flags(p: argparse.ArgumentParser, default_preset: str | None = "t
 def add_progress_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--progress", choices=["auto", "bar", "lines"], default="auto",
                    help="a live progress bar, or a line per log step (auto: bar on a terminal)")
+
+
+def refuse_out_with_resume(out: str | None, resume: str | Path, what: str = "a run") -> None:
+    """--resume continues in place: an --out naming another folder is a mistake, said so."""
+    if out and Path(out).resolve() != Path(resume).resolve():
+        raise ScionError(f"--resume continues {what} in place; drop --out")
+
+
+def stopped_early(reason: str, how_to_continue: str) -> int:
+    """Tell the user a run stopped early and how to continue it; the exit status to return."""
+    print(f"stopped early ({reason}); {how_to_continue}", file=sys.stderr)
+    return STOPPED_EARLY
 
 
 def progress_choice(args: argparse.Namespace) -> bool | None:

@@ -5,7 +5,15 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from scion.cli.options import add_config_flags, add_progress_flag, base_parser, parse_config, progress_choice
+from scion.cli.options import (
+    add_config_flags,
+    add_progress_flag,
+    base_parser,
+    parse_config,
+    progress_choice,
+    refuse_out_with_resume,
+    stopped_early,
+)
 from scion.errors import ScionError
 from scion.run import is_run, load_config
 
@@ -20,7 +28,6 @@ examples:
   torchrun --nproc-per-node 8 -m scion pretrain --config ... --parallel fsdp --activation-checkpointing
 """
 
-STOPPED_EARLY = 75  # EX_TEMPFAIL: stopped by a signal or time limit, checkpoint saved, resumable
 
 
 def main(argv: list[str]) -> int:
@@ -38,8 +45,7 @@ def main(argv: list[str]) -> int:
     if pre.resume and not pre.help:
         if not is_run(pre.resume):
             raise ScionError(f"{pre.resume}: not a scion run (no config.yaml); nothing to resume")
-        if pre.out and Path(pre.out).resolve() != Path(pre.resume).resolve():
-            raise ScionError("--resume continues a run in place; drop --out")
+        refuse_out_with_resume(pre.out, pre.resume)
         base = load_config(pre.resume)
     args, cfg = parse_config(p, argv, base=base)
 
@@ -64,9 +70,7 @@ def main(argv: list[str]) -> int:
 
     shutdown()
     if trainer.stop_reason:
-        print(f"stopped early ({trainer.stop_reason}); continue with: scion pretrain --resume {run_dir}",
-              file=sys.stderr)
-        return STOPPED_EARLY
+        return stopped_early(trainer.stop_reason, f"continue with: scion pretrain --resume {run_dir}")
     return 0
 
 

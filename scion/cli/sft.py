@@ -6,7 +6,14 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from scion.cli.options import add_progress_flag, base_parser, parse_config, progress_choice
+from scion.cli.options import (
+    add_progress_flag,
+    base_parser,
+    parse_config,
+    progress_choice,
+    refuse_out_with_resume,
+    stopped_early,
+)
 from scion.errors import ScionError
 from scion.run import is_run, load_config
 
@@ -23,7 +30,6 @@ Training flags are those of scion pretrain (--max-steps, --lr, --micro-batch-siz
 (its full rate with LoRA) and, unless --max-steps is given, --epochs passes over the data.
 """
 
-STOPPED_EARLY = 75
 
 
 def main(argv: list[str]) -> int:
@@ -99,8 +105,7 @@ def main(argv: list[str]) -> int:
     elif pre.resume:
         if not is_run(pre.resume):
             raise ScionError(f"{pre.resume}: not a scion run (no config.yaml); nothing to resume")
-        if pre.out and Path(pre.out).resolve() != Path(pre.resume).resolve():
-            raise ScionError("--resume continues a run in place; drop --out")
+        refuse_out_with_resume(pre.out, pre.resume)
         base = load_config(pre.resume)
     else:
         if not pre.source:
@@ -158,30 +163,26 @@ def main(argv: list[str]) -> int:
 
     shutdown()
     if trainer.stop_reason:
-        print(
-            f"stopped early ({trainer.stop_reason}); continue with: scion sft --resume {run_dir}",
-            file=sys.stderr,
-        )
-        return STOPPED_EARLY
+        return stopped_early(trainer.stop_reason, f"continue with: scion sft --resume {run_dir}")
     return 0
 
 
 def _source_config(source: str):
     """The source's config (the base the training flags override), and the model itself when it
     had to be imported to know it."""
-    from scion.run import resolve_checkpoint
+    from scion.run import is_scion_source, resolve_checkpoint
 
     path = Path(source)
-    if is_run(path) or ((path / "model.safetensors").is_file() and path.parent.name == "checkpoints"):
+    if is_scion_source(path):
         run_dir, _ = resolve_checkpoint(path)
         return load_config(run_dir), None
     if not path.exists() and not source.startswith("hf:"):
         raise ScionError(f"{source}: no such run, checkpoint or Hugging Face model folder")
-    from scion.sft.recipe import load_source
+    from scion.source import load_source
     from scion.train.device import resolve_device
 
     preloaded = load_source(source, resolve_device("auto"))
-    return preloaded[2], preloaded
+    return preloaded.config, preloaded
 
 
 def _sft_defaults(base, lora: bool):

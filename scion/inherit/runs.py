@@ -22,7 +22,8 @@ from scion.config import RunConfig
 from scion.errors import ScionError
 from scion.model import Transformer
 from scion.pretrain import Setup, build_model, log, start_run, train
-from scion.run import is_run, load_model, resolve_checkpoint
+from scion.run import is_run
+from scion.source import load_source
 from scion.tokenizer import Tokenizer
 from scion.train.device import autocast
 from scion.train.loop import LossFn, Trainer, lm_loss, to_device
@@ -46,40 +47,23 @@ class Reference:
 def load_reference(source: str | Path, device: torch.device | str = "cpu") -> Reference:
     """A trained reference model: a scion run directory or checkpoint folder, or anything the
     interop import path accepts (a Hugging Face Llama or GPT-2 folder)."""
-    path = Path(source)
-    if not path.exists():
+    if not Path(source).exists():
         raise ScionError(
             f"{source}: no such reference; give a scion run directory, a checkpoint folder or "
             "a Hugging Face model folder"
         )
-    scion_ckpt = (path / "model.safetensors").is_file() and path.parent.name == "checkpoints"
-    if is_run(path) or scion_ckpt:
-        loaded = load_model(path, device=device)
-        run_dir, folder = resolve_checkpoint(path)
-        tok_dir = run_dir / "tokenizer"
-        return Reference(
-            loaded.model,
-            loaded.tokenizer,
-            loaded.config,
-            str(source),
-            str(folder),
-            tok_dir if tok_dir.is_dir() else None,
-        )
-    try:
-        from scion.interop import load_reference as import_reference
-    except ImportError as e:
-        raise ScionError(
-            f"{source}: not a scion run, and this installation has no Hugging Face import path "
-            "(scion.interop); convert the model to a scion run first"
-        ) from e
-    model, tokenizer, cfg = import_reference(str(source))
-    model = model.to(device).eval()
-    tok_dir = None
-    if tokenizer is not None:
-        tok_dir = cache_root() / "reference-tokenizers" / tokenizer.fingerprint()
+    loaded = load_source(source, device)
+    if loaded.checkpoint is not None:  # a scion run: its own tokenizer folder
+        tok_dir = loaded.run_dir / "tokenizer"
+        tok_dir = tok_dir if tok_dir.is_dir() else None
+    elif loaded.tokenizer is not None:  # an imported one: a copy in the cache, for data preparation
+        tok_dir = cache_root() / "reference-tokenizers" / loaded.tokenizer.fingerprint()
         if not (tok_dir / "tokenizer.json").is_file():
-            tokenizer.save(tok_dir)
-    return Reference(model, tokenizer, cfg, str(source), None, tok_dir)
+            loaded.tokenizer.save(tok_dir)
+    else:
+        tok_dir = None
+    checkpoint = str(loaded.checkpoint) if loaded.checkpoint is not None else None
+    return Reference(loaded.model, loaded.tokenizer, loaded.config, str(source), checkpoint, tok_dir)
 
 
 def adopt_tokenizer(cfg: RunConfig, reference: Reference) -> None:

@@ -25,7 +25,8 @@ from scion.interop.gpt2 import GPT2Adapter
 from scion.interop.hub import resolve_source
 from scion.interop.llama import LlamaAdapter
 from scion.model import Transformer
-from scion.run import is_run, load_model, prepare_run_dir
+from scion.run import is_scion_source, load_model, prepare_run_dir
+from scion.source import load_source
 from scion.tokenizer import Tokenizer, load_tokenizer
 
 ADAPTERS: list[Adapter] = [LlamaAdapter(), GPT2Adapter()]
@@ -88,14 +89,12 @@ def load_hf(source: str | Path, dtype: str | None = None, device="cpu",
 def load_reference(source: str | Path, checkpoint: str | None = None, device="cpu",
                    dtype: str | None = None) -> tuple[Transformer, Tokenizer | None, RunConfig]:
     """A model to start from or compare with, from whatever the user names: a scion run
-    directory (its latest checkpoint, or `checkpoint`), a scion checkpoint folder, or a Hugging
-    Face folder or hub id. Commands that take a reference model (Inheritune's --reference,
-    analysis) accept exactly these."""
+    directory (its latest checkpoint, or `checkpoint`), a scion checkpoint folder
+    (scion.source.load_source), or a Hugging Face folder or hub id, converted."""
     path = Path(str(source))
-    is_checkpoint = (path / "model.safetensors").is_file() and path.parent.name == "checkpoints"
-    if path.exists() and (is_run(path) or is_checkpoint):
-        loaded = load_model(path, checkpoint, device=device,
-                            dtype=DTYPES[dtype] if dtype not in (None, "auto") else None)
+    if is_scion_source(path):
+        loaded = load_source(path, device, checkpoint=checkpoint,
+                             dtype=DTYPES[dtype] if dtype not in (None, "auto") else None)
         return loaded.model, loaded.tokenizer, loaded.config
     if path.exists() and not (path / "config.json").is_file():
         raise ScionError(f"{path}: neither a scion run (config.yaml), a checkpoint folder, "

@@ -25,12 +25,13 @@ from scion.config import RunConfig, save_yaml
 from scion.errors import ScionError
 from scion.model import Transformer
 from scion.pretrain import log, setup, train
-from scion.run import is_run, load_model, prepare_run_dir, write_data_record
+from scion.run import is_run, prepare_run_dir, write_data_record
 from scion.sft.batches import SFTBatches, eval_batches, make_examples, sft_loss
 from scion.sft.lora import ADAPTER_FILE, apply_lora, load_adapter, lora_layers, save_adapter
 from scion.sft.records import read_records
 from scion.sft.template import ChatTemplate, render, resolve_template
 from scion.sft.vocab import fit_embeddings, with_chat_tokens
+from scion.source import load_source
 from scion.tokenizer import Tokenizer
 from scion.train.loop import Trainer
 
@@ -83,27 +84,6 @@ def load_options(run_dir: Path) -> SFTConfig:
         ) from e
     except (yaml.YAMLError, TypeError) as e:
         raise ScionError(f"{path}: not a valid SFT options file ({e})") from e
-
-
-# ---- the source model ----------------------------------------------------------------------------
-
-
-def load_source(source: str, device) -> tuple[Transformer, Tokenizer | None, RunConfig]:
-    """A scion run or checkpoint folder, or a Hugging Face model that scion.interop imports."""
-    path = Path(source)
-    is_checkpoint = (path / "model.safetensors").is_file() and path.parent.name == "checkpoints"
-    if is_run(path) or is_checkpoint:
-        loaded = load_model(path, device=device)
-        return loaded.model, loaded.tokenizer, loaded.config
-    try:
-        from scion.interop import load_reference
-    except ImportError as e:
-        raise ScionError(
-            f"{source}: not a scion run or checkpoint, and this installation cannot import Hugging "
-            "Face models (scion.interop is missing); give a scion run directory"
-        ) from e
-    model, tokenizer, cfg = load_reference(str(source))
-    return model.to(device), tokenizer, cfg
 
 
 # ---- data ----------------------------------------------------------------------------------------
@@ -171,14 +151,15 @@ def sft(
     """Fine-tune `options.source` into the run directory `out` (or continue it with `resume`).
     Unless in `given` (flags the user set), max_steps follows from --epochs, warmup is at most a
     tenth of it, and the sample prompts come from the held-out conversations. `preloaded` is the
-    source's (model, tokenizer, config) when the caller has loaded it already."""
+    source (scion.source.Source) when the caller has loaded it already."""
     options.validate()
     out = Path(out)
     if not resume and out.is_dir() and any(out.iterdir()) and not overwrite:  # before any slow work
         hint = "--resume to continue it" if is_run(out) else "another --out"
         raise ScionError(f"{out}: already exists and is not empty; use {hint}, or --overwrite to replace it")
     env = setup(cfg)
-    model, tokenizer, _ = preloaded or load_source(options.source, env.device)
+    source = preloaded or load_source(options.source, env.device)
+    model, tokenizer = source.model, source.tokenizer
     model = model.to(env.device)
     if tokenizer is None:
         raise ScionError(
