@@ -1,6 +1,7 @@
-"""Corpus readers: expand paths into files and stream their documents as text, with bounded
-memory. Plain text files are one document each; JSONL and Parquet hold one document per
-record in a named field."""
+"""Readers: expand paths into files and stream what they hold, with bounded memory. Plain text
+files are one document each; JSONL (or a JSON array) and Parquet hold records, which corpus
+preparation reads one text field of (`read_pieces`) and instruction tuning reads whole
+(`iter_records`, through scion.sft.records)."""
 
 from __future__ import annotations
 
@@ -120,36 +121,98 @@ def _read_text_pieces(path: Path, max_chars: int) -> Iterator[tuple[str, bool]]:
         yield pending, True
 
 
-def _read_jsonl(path: Path, text_field: str) -> Iterator[str]:
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise BadFile(f"line {lineno} is not JSON ({e.msg})") from e
-            if not isinstance(record, dict) or text_field not in record:
-                raise BadFile(f"line {lineno} has no {text_field!r} field (set --text-field)")
-            text = record[text_field]
-            if not isinstance(text, str):
-                raise BadFile(f"line {lineno}: field {text_field!r} is not a string")
-            yield text
+# ---- records: JSONL, a JSON array, Parquet ----------------------------------------------------
 
 
-def _read_parquet(path: Path, text_field: str) -> Iterator[str]:
+@dataclass
+class Unparsable:
+    """A JSONL line that is not JSON, passed on so the reader decides: refuse the file, or count
+    it with the other bad records."""
+
+    error: str  # the parser's message
+
+    @property
+    def reason(self) -> str:
+        return f"not valid JSON ({self.error})"
+
+
+def iter_records(path: Path, columns: list[str] | None = None, json_arrays: bool = True,
+                 ) -> Iterator[tuple[str, object]]:
+    """(where, record) for every record of a JSONL, JSON or Parquet file, streamed; `where` is
+    "line N" (JSONL), "item N" (a .json file holding one array, where `json_arrays`) or "row N"
+    (Parquet, where `columns` picks the columns read). Raises BadFile for a file that cannot be
+    read at all."""
+    if path.suffix.lower() in PARQUET_SUFFIXES:
+        yield from _parquet_records(path, columns)
+    else:
+        yield from _json_records(path, json_arrays)
+
+
+def _json_records(path: Path, json_arrays: bool) -> Iterator[tuple[str, object]]:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            if json_arrays and path.suffix.lower() == ".json" and _starts_with(fh, "["):
+                try:
+                    items = json.load(fh)
+                except json.JSONDecodeError as e:
+                    raise BadFile(f"not valid JSON (line {e.lineno}: {e.msg})") from e
+                for i, record in enumerate(items):
+                    yield f"item {i}", record
+                return
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    record = Unparsable(e.msg)
+                yield f"line {lineno}", record
+    except UnicodeDecodeError as e:
+        raise BadFile(f"not valid UTF-8 (byte {e.start}); save it as UTF-8") from e
+
+
+def _starts_with(fh, char: str) -> bool:
+    """Whether the file's first non-space character is `char`; the file is left at its start."""
+    head = fh.read(4096).lstrip()
+    fh.seek(0)
+    return head.startswith(char)
+
+
+def _parquet_records(path: Path, columns: list[str] | None) -> Iterator[tuple[str, dict]]:
     import pyarrow.parquet as pq
 
     try:
         pf = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises ArrowInvalid and friends
         raise BadFile(f"not a readable Parquet file ({e})") from e
-    if text_field not in pf.schema_arrow.names:
-        raise BadFile(f"has no {text_field!r} column (columns: {', '.join(pf.schema_arrow.names)}; set --text-field)")
-    for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
-        for text in batch.column(0).to_pylist():
-            if text:
-                yield text
+    names = pf.schema_arrow.names
+    missing = [c for c in columns or [] if c not in names]
+    if missing:
+        raise BadFile(f"has no {missing[0]!r} column (columns: {', '.join(names)}; set --text-field)")
+    row = 0
+    for batch in pf.iter_batches(columns=columns, batch_size=1024):
+        for record in batch.to_pylist():
+            yield f"row {row}", record
+            row += 1
+
+
+def _read_jsonl(path: Path, text_field: str) -> Iterator[str]:
+    """The text field of each record; a corpus file is JSON Lines whatever its suffix."""
+    for where, record in _json_records(path, json_arrays=False):
+        if isinstance(record, Unparsable):
+            raise BadFile(f"{where} is not JSON ({record.error})")
+        if not isinstance(record, dict) or text_field not in record:
+            raise BadFile(f"{where} has no {text_field!r} field (set --text-field)")
+        text = record[text_field]
+        if not isinstance(text, str):
+            raise BadFile(f"{where}: field {text_field!r} is not a string")
+        yield text
+
+
+def _read_parquet(path: Path, text_field: str) -> Iterator[str]:
+    for _, record in _parquet_records(path, [text_field]):
+        if record[text_field]:
+            yield record[text_field]
 
 
 def split_long(text: str, max_chars: int) -> list[str]:

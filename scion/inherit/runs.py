@@ -25,8 +25,7 @@ from scion.pretrain import Setup, build_model, log, start_run, train
 from scion.run import is_run
 from scion.source import load_source
 from scion.tokenizer import Tokenizer
-from scion.train.device import autocast
-from scion.train.loop import LossFn, Trainer, lm_loss, to_device
+from scion.train.loop import LossFn, Trainer, lm_loss, mean_loss
 
 PROVENANCE = "inherit.json"
 
@@ -94,25 +93,16 @@ class Shifted:
         return self.batches.batch(self.offset + start, size)
 
 
-@torch.no_grad()
 def evaluate(
     model: torch.nn.Module, val: Callable | None, device: torch.device, precision: str = "fp32"
 ) -> float:
     """Mean cross-entropy over the validation batches (the loop's own validation metric)."""
     if val is None:
         raise ScionError("no validation split: growth and comparisons need one; raise --data.val-fraction")
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for batch in val():
-        batch = to_device(batch, device)
-        with autocast(device, precision):
-            total += lm_loss(model, batch).double().item()
-        count += 1
-    model.train(was_training)
-    if count == 0:
+    loss = mean_loss(model, val(), device, precision)
+    if loss is None:
         raise ScionError("the validation split holds no complete sequence; raise --data.val-fraction")
-    return total / count
+    return loss
 
 
 class Stopped(Exception):

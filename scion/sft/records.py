@@ -14,11 +14,11 @@ they are skipped (and reported) or refuse the whole run.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from scion.data.readers import JSONL_SUFFIXES, PARQUET_SUFFIXES, BadFile, Unparsable, iter_records
 from scion.errors import ScionError
 
 Conversation = list[dict]
@@ -32,7 +32,7 @@ ROLES = {
     "model": "assistant",
     "bot": "assistant",
 }
-DATA_SUFFIXES = {".jsonl", ".json", ".ndjson", ".parquet"}
+DATA_SUFFIXES = JSONL_SUFFIXES | PARQUET_SUFFIXES
 
 
 @dataclass
@@ -73,13 +73,6 @@ def read_records(paths: list[str], bad_records: str = "skip") -> Records:
         detail = f"; first problem: {out.bad[0]}" if out.bad else ""
         raise ScionError(f"{', '.join(map(str, paths))}: no usable instruction records{detail}")
     return out
-
-
-@dataclass
-class Unparsable:
-    """A line that failed to parse, carried along so it is counted like other bad records."""
-
-    reason: str
 
 
 def to_messages(record) -> Conversation | str:
@@ -154,46 +147,18 @@ def _iter_source(source: str, out: Records) -> Iterator[tuple[str, object]]:
         raise ScionError(f"{path}: holds no .jsonl, .json or .parquet files")
     for f in files:
         out.sources.append(str(f))
-        if f.suffix.lower() == ".parquet":
-            yield from _iter_parquet(f)
-        elif f.suffix.lower() in (".jsonl", ".json", ".ndjson"):
-            yield from _iter_json(f)
-        else:
+        if f.suffix.lower() not in DATA_SUFFIXES:
             raise ScionError(f"{f}: unknown instruction data format; use .jsonl, .json or .parquet")
+        yield from _iter_file(f)
 
 
-def _iter_json(path: Path) -> Iterator[tuple[str, object]]:
+def _iter_file(path: Path) -> Iterator[tuple[str, object]]:
+    """The records of one file, each with its place ("file:line", "file item N", "file row N")."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ScionError(f"{path}: not valid UTF-8 (byte {e.start}); save it as UTF-8") from e
-    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ScionError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from e
-        for i, record in enumerate(records):
-            yield f"{path} item {i}", record
-        return
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            record = Unparsable(f"not valid JSON ({e.msg})")
-        yield f"{path}:{lineno}", record
-
-
-def _iter_parquet(path: Path) -> Iterator[tuple[str, object]]:
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.read_table(path)
-    except Exception as e:  # pyarrow raises ArrowInvalid and friends
-        raise ScionError(f"{path}: not a readable Parquet file ({e})") from e
-    for i, record in enumerate(table.to_pylist()):
-        yield f"{path} row {i}", record
+        for where, record in iter_records(path):
+            yield (f"{path}:{where.removeprefix('line ')}" if where.startswith("line ") else f"{path} {where}"), record
+    except BadFile as e:
+        raise ScionError(f"{path}: {e}") from e
 
 
 def _is_saved_dataset(path: Path) -> bool:

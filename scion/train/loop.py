@@ -66,6 +66,36 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
     return batch
 
 
+@torch.no_grad()
+def mean_loss(model: torch.nn.Module, batches: Iterable[Batch], device: torch.device, precision: str = "fp32",
+              loss_fn: LossFn = lm_loss, world: World | None = None) -> float | None:
+    """The mean of `loss_fn` over `batches` (each batch weighs the same): the validation loss, in
+    training and in every comparison of models. On several ranks each takes every world-size-th
+    batch and all run as many forward passes as the busiest one (a sharded model gathers its
+    weights in each, collectively): a rank with no batch left repeats one with weight 0. None
+    when there is no batch."""
+    world = world or World()
+    batches = list(batches)
+    if not batches and world.size == 1:
+        return None
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(2, device=device, dtype=torch.float64)
+    for r in range(-(-len(batches) // world.size)):
+        i = r * world.size + world.rank
+        weight = 1.0 if i < len(batches) else 0.0
+        batch = to_device(batches[min(i, len(batches) - 1)], device)
+        with autocast(device, precision):
+            loss = loss_fn(model, batch)
+        total[0] += weight * loss.double()
+        total[1] += weight
+        fault_point("validation")
+    if world.size > 1:
+        dist.all_reduce(total)
+    model.train(was_training)
+    return None if total[1] == 0 else (total[0] / total[1]).item()
+
+
 @dataclass
 class TrainState:
     step: int = 0  # optimizer steps completed
@@ -372,30 +402,10 @@ class Trainer:
         self.state.tokens += self.global_batch * self.seq_len
         return loss_value, norm_value
 
-    @torch.no_grad()
     def evaluate(self, bar=None) -> float | None:
-        model = self.train_model
-        model.eval()
-        total = torch.zeros(2, device=self.device, dtype=torch.float64)
-        batches = list(self.val_batches())
-        # Every rank runs as many forward passes as the busiest one (a sharded model gathers its
-        # weights in each, collectively); a rank with no batch left repeats one with weight 0.
-        rounds = -(-len(batches) // self.world.size)
-        for r in range(rounds):
-            i = r * self.world.size + self.world.rank
-            weight = 1.0 if i < len(batches) else 0.0
-            batch = to_device(batches[min(i, len(batches) - 1)], self.device)
-            with autocast(self.device, self.precision):
-                loss = self.loss_fn(model, batch)
-            total[0] += weight * loss.double()
-            total[1] += weight
-            fault_point("validation")
-        if self.world.size > 1:
-            dist.all_reduce(total)
-        model.train()
-        if total[1] == 0:
+        val = mean_loss(self.train_model, self.val_batches(), self.device, self.precision, self.loss_fn, self.world)
+        if val is None:
             return None
-        val = (total[0] / total[1]).item()
         if self.state.best_val_loss is None or val < self.state.best_val_loss:
             self.state.best_val_loss = val
         self.metrics.write({"step": self.state.step, "tokens": self.state.tokens, "val_loss": val,
