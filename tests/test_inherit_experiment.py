@@ -7,14 +7,15 @@ import json
 import pytest
 
 from scion.errors import ScionError
-from scion.inherit.experiment import (
+from scion.experiments import (
     CONFIG_DIR,
+    DEFAULT_RECIPES,
+    RECIPES,
     Row,
     experiment_from_dict,
     load_experiment_config,
     results_markdown,
 )
-from scion.inherit.recipes import DEFAULT_RECIPES, RECIPES
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))

@@ -3,10 +3,12 @@
 - heatmaps: attention matrices of chosen layers and heads on one sequence (Inheritune, Figure 1)
 - layers: k* and m* of every head by layer, lazy layers shaded
 - compare: several models by relative depth (Inheritune, Figure 9)
+- experiment: the Inheritune comparison's validation curves and layer sweep (Figure 11)
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -135,3 +137,59 @@ def plot_compare(reports: list[dict], path: Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     return _save(fig, path)
+
+
+def plot_experiment(rows: list, out: Path) -> list[Path]:
+    """The experiment's plots (rows: scion.experiments.report.Row): val_loss.png, validation loss
+    against steps for every run, and with a sweep, sweep.png."""
+    plt = pyplot()
+    written = []
+    fig, ax = plt.subplots(figsize=(8, 5))
+    colors = plt.get_cmap("tab20").colors
+    for i, row in enumerate(r for r in rows if r.group != "sweep" and r.curve):
+        steps, losses = zip(*row.curve, strict=True)
+        main = row.group in ("reference", "inheritune")
+        ax.plot(
+            steps,
+            losses,
+            "-" if main else "--",
+            marker=".",
+            lw=2.5 if main else 1.2,
+            color=colors[(2 * i) % 20 + (2 * i) // 20],
+            label=f"{row.recipe} ({row.layers}L)",
+        )
+    ax.set_xlabel("optimizer steps (all stages)")
+    ax.set_ylabel("validation loss")
+    finite = [v for r in rows for _, v in r.curve if math.isfinite(v)]
+    if finite:
+        low = min(finite)
+        ax.set_ylim(low - 0.05, low + 2.0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    ax.set_title("Inheritune and baselines: validation loss")
+    fig.tight_layout()
+    fig.savefig(out / "val_loss.png", dpi=90)
+    plt.close(fig)
+    written.append(out / "val_loss.png")
+
+    sweep = [r for r in rows if r.group == "sweep"]
+    if sweep:
+        # Inheritune's own round 1 is the sweep's point at the target's n.
+        first = next((r for r in rows if r.recipe == "inheritune"), None)
+        if first is not None and all(r.layers != first.layers for r in sweep):
+            sweep.append(first)
+        sweep.sort(key=lambda r: r.layers)
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot([r.layers for r in sweep], [r.val_loss for r in sweep], "o-", label="inherit first n blocks")
+        ref = next((r for r in rows if r.recipe == "reference"), None)
+        if ref is not None:
+            ax.axhline(ref.val_loss, color="gray", ls="--", label=f"reference ({ref.layers}L)")
+        ax.set_xlabel("inherited layers n")
+        ax.set_ylabel("validation loss after T steps")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "sweep.png", dpi=90)
+        plt.close(fig)
+        written.append(out / "sweep.png")
+    return written

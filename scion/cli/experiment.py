@@ -21,7 +21,7 @@ examples:
   scion experiment inheritune --reference runs/ref     # use an existing reference
 
 Running the same command again continues: finished runs are skipped, stopped ones resume.
-Bundled configs (scion/inherit/configs/): cpu, cpu-small, gpt2-medium, gpt2-large, open-llama-3b.
+Bundled configs (scion/experiments/configs/): cpu, cpu-small, gpt2-medium, gpt2-large, open-llama-3b.
 """
 
 EXPERIMENTS = ("inheritune",)
@@ -56,7 +56,7 @@ def main(argv: list[str]) -> int:
     add_progress_flag(p)
     args = p.parse_args(argv)
 
-    from scion.inherit.experiment import Experiment, load_experiment_config, results_markdown
+    from scion.experiments import Experiment, load_experiment_config, results_markdown
     from scion.inherit.runs import Stopped
 
     cfg = load_experiment_config(args.config)

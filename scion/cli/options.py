@@ -49,6 +49,14 @@ def add_progress_flag(p: argparse.ArgumentParser) -> None:
                    help="a live progress bar, or a line per log step (auto: bar on a terminal)")
 
 
+def explicit_train_fields(argv: list[str]) -> frozenset[str]:
+    """The training settings the user gave as flags, by field name (--max-steps: max_steps): a
+    recipe derives the others, and only the others, from what it knows."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    given = {a[2:].split("=", 1)[0].replace("-", "_") for a in argv if a.startswith("--")}
+    return frozenset(given & names)
+
+
 def refuse_out_with_resume(out: str | None, resume: str | Path, what: str = "a run") -> None:
     """--resume continues in place: an --out naming another folder is a mistake, said so."""
     if out and Path(out).resolve() != Path(resume).resolve():

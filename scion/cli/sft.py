@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from pathlib import Path
 
 from scion.cli.options import (
     add_progress_flag,
     base_parser,
+    explicit_train_fields,
     parse_config,
     progress_choice,
     refuse_out_with_resume,
@@ -112,8 +112,10 @@ def main(argv: list[str]) -> int:
             raise ScionError("scion sft needs a source run: scion sft RUN_DIR --data FILE --out RUN_DIR2")
         if not pre.out:
             raise ScionError("scion sft needs --out, the run directory for the fine-tuned model")
+        from scion.sft.recipe import fine_tuning_config
+
         base, preloaded = _source_config(pre.source)
-        base = _sft_defaults(base, lora=pre.lora_rank > 0)
+        base = fine_tuning_config(base, lora=pre.lora_rank > 0)
     args, cfg = parse_config(p, argv, base=base)
 
     from scion.sft.recipe import SFTConfig, load_options, sft
@@ -142,7 +144,6 @@ def main(argv: list[str]) -> int:
             lora_dropout=args.lora_dropout,
             lora_train_embeddings=train_embeddings,
         )
-    given = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
     progress = progress_choice(args)
     run_dir, trainer = sft(
         cfg,
@@ -150,7 +151,7 @@ def main(argv: list[str]) -> int:
         out,
         resume=bool(args.resume),
         overwrite=args.overwrite,
-        given=frozenset(given),
+        explicit=explicit_train_fields(argv),
         progress=progress,
         preloaded=preloaded,
     )
@@ -184,12 +185,3 @@ def _source_config(source: str):
     preloaded = load_source(source, resolve_device("auto"))
     return preloaded.config, preloaded
 
-
-def _sft_defaults(base, lora: bool):
-    """Fine-tuning settings derived from the source's pretraining settings."""
-    from scion.config import DataConfig
-
-    train = base.train
-    lr = train.lr if lora else train.lr / 10
-    train = dataclasses.replace(train, lr=lr, min_lr=lr / 10, tokens_per_step=None, warmup_steps=10)
-    return dataclasses.replace(base, data=DataConfig(val_fraction=0.05), train=train)

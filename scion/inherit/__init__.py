@@ -7,8 +7,8 @@ distillation) through the same training loop.
     distill     logit KD and DistilBERT-style losses for the loop
     runs        loading the reference; training an initialised model as a scion run
     grow        Algorithm 1, one resumable run per round
-    recipes     the comparison's named initialisation recipes
-    experiment  the whole comparison: table and plots
+
+The whole comparison with the paper's baselines is scion.experiments.
 """
 
 from scion.inherit.init import InheritSpec, every_other, grow, half_width, hybrid_stack, inherit, stack

@@ -21,11 +21,11 @@ import torch
 import yaml
 
 from scion import checkpoint as ckpt
-from scion.config import RunConfig, save_yaml
+from scion.config import DataConfig, RunConfig
 from scion.errors import ScionError
 from scion.model import Transformer
-from scion.pretrain import log, setup, train
-from scion.run import is_run, prepare_run_dir, write_data_record
+from scion.pretrain import log, setup, start_run, train
+from scion.run import check_new_run_dir
 from scion.sft.batches import SFTBatches, eval_batches, make_examples, sft_loss
 from scion.sft.lora import ADAPTER_FILE, apply_lora, load_adapter, lora_layers, save_adapter
 from scion.sft.records import read_records
@@ -69,8 +69,20 @@ class SFTConfig:
             raise ScionError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
 
 
-def save_options(options: SFTConfig, run_dir: Path) -> None:
+def fine_tuning_config(base: RunConfig, lora: bool) -> RunConfig:
+    """The fine-tuning run's settings, from the source's pretraining ones: a tenth of its learning
+    rate (its full rate with LoRA, whose adapters start at zero), decaying to a tenth of that, 10
+    warm-up steps, one micro-batch a step, 5% of the conversations held out; the model as it is."""
+    train = base.train
+    lr = train.lr if lora else train.lr / 10
+    train = dataclasses.replace(train, lr=lr, min_lr=lr / 10, tokens_per_step=None, warmup_steps=10)
+    return dataclasses.replace(base, data=DataConfig(val_fraction=0.05), train=train)
+
+
+def save_options(options: SFTConfig, run_dir: Path, report: dict) -> None:
+    """sft.yaml (what `--resume` rebuilds the run from) and sft-data.json (what the data held)."""
     (run_dir / OPTIONS_FILE).write_text(yaml.safe_dump(dataclasses.asdict(options), sort_keys=False))
+    (run_dir / REPORT_FILE).write_text(json.dumps(report, indent=1))
 
 
 def load_options(run_dir: Path) -> SFTConfig:
@@ -144,19 +156,18 @@ def sft(
     out: Path,
     resume: bool = False,
     overwrite: bool = False,
-    given: frozenset[str] = frozenset(),
+    explicit: frozenset[str] = frozenset(),
     progress: bool | None = None,
     preloaded=None,
 ) -> tuple[Path, Trainer]:
     """Fine-tune `options.source` into the run directory `out` (or continue it with `resume`).
-    Unless in `given` (flags the user set), max_steps follows from --epochs, warmup is at most a
-    tenth of it, and the sample prompts come from the held-out conversations. `preloaded` is the
+    Unless in `explicit` (training settings the user set), max_steps follows from --epochs, warmup
+    is at most a tenth of it, and the sample prompts come from the held-out conversations. `preloaded` is the
     source (scion.source.Source) when the caller has loaded it already."""
     options.validate()
     out = Path(out)
-    if not resume and out.is_dir() and any(out.iterdir()) and not overwrite:  # before any slow work
-        hint = "--resume to continue it" if is_run(out) else "another --out"
-        raise ScionError(f"{out}: already exists and is not empty; use {hint}, or --overwrite to replace it")
+    if not resume:
+        check_new_run_dir(out, overwrite)  # before any slow work
     env = setup(cfg)
     source = preloaded or load_source(options.source, env.device)
     model, tokenizer = source.model, source.tokenizer
@@ -244,11 +255,11 @@ def sft(
             if cfg.train.tokens_per_step
             else cfg.train.micro_batch_size * env.world.size
         )
-        if "--max-steps" not in given:
+        if "max_steps" not in explicit:
             cfg.train.max_steps = max(1, math.ceil(options.epochs * len(batches) / per_step))
-        if "--warmup-steps" not in given:
+        if "warmup_steps" not in explicit:
             cfg.train.warmup_steps = min(cfg.train.warmup_steps, cfg.train.max_steps // 10)
-        if "--sample-prompts" not in given:
+        if "sample_prompts" not in explicit:
             cfg.train.sample_prompts = sample_prompts(template, val_convs or train_convs, tokenizer)
         cfg.validate()
 
@@ -274,21 +285,14 @@ def sft(
                 f"packed {len(examples)} conversations into {len(batches)} rows of {seq_len} tokens "
                 f"({batches.fill():.0%} full)"
             )
+    run_dir = out
     if resume:
-        run_dir = out
         if lora:
             _restore_adapter(model, run_dir)
     else:
-        run_dir = out
+        start_run(cfg, out, overwrite, tokenizer, [Path(s) for s in records.sources], env.world)
         if env.world.main:
-            prepare_run_dir(out, overwrite)
-            save_yaml(cfg, out / "config.yaml")
-            tokenizer.save(out / "tokenizer")
-            write_data_record(out, [Path(s) for s in records.sources], [])
-            save_options(options, out)
-            (out / REPORT_FILE).write_text(json.dumps(report, indent=1))
-        if env.world.size > 1:
-            torch.distributed.barrier()
+            save_options(options, out, report)
     extra = {ADAPTER_FILE: lambda path: save_adapter(model, path)} if lora else None
     trainer = train(
         cfg,

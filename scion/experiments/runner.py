@@ -1,0 +1,212 @@
+"""The Inheritune comparison end to end: train (or load) a reference, derive the target by
+Inheritune and grow it, train every baseline at the same budget, and report one table (the
+shape of the paper's Tables 1-3) and one plot of validation loss against steps.
+
+    OUT/experiment.json     the resolved experiment config
+    OUT/reference/          the reference run (when trained here)
+    OUT/inheritune/         a growth run (round-1, round-2, ... ; see scion.inherit.grow)
+    OUT/<recipe>/           one run per baseline (stacking also has OUT/stacking-stage1/)
+    OUT/sweep-n<k>/         Figure 11: the first k reference blocks, trained T steps
+    OUT/results.json|.md    the table;  OUT/val_loss.png, OUT/sweep.png: the plots
+
+Running the same command again continues: finished runs are skipped and unfinished ones
+resume from their latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from scion.analysis.plots import plot_experiment
+from scion.config import RunConfig
+from scion.errors import ScionError
+from scion.experiments.config import ExperimentConfig, experiment_to_dict
+from scion.experiments.recipes import RECIPES
+from scion.experiments.report import Row, curve, write_results
+from scion.inherit.init import InheritSpec, fresh, inherit, with_depth
+from scion.inherit.runs import (
+    Reference,
+    Stopped,
+    adopt_tokenizer,
+    check_tokenizer,
+    evaluate,
+    load_reference,
+    train_run,
+)
+from scion.pretrain import data_streams, load_data, log, setup
+from scion.run import is_run, load_model
+
+
+class Experiment:
+    def __init__(self, out: Path, cfg: ExperimentConfig, progress: bool | None = None):
+        cfg.validate()
+        self.out, self.cfg, self.progress = Path(out), cfg, progress
+        self.T = cfg.run.train.max_steps
+        self.seed = cfg.run.train.seed
+        self.env = setup(cfg.run)
+        self.reference: Reference | None = None
+        self.rows: list[Row] = []
+
+    # -- plumbing --
+    def _run_cfg(self, model_cfg, steps: int) -> RunConfig:
+        return dataclasses.replace(
+            self.cfg.run, model=model_cfg, train=dataclasses.replace(self.cfg.run.train, max_steps=steps)
+        )
+
+    def train(self, name: str, model_cfg, steps: int, init, recipe: str, loss_fn=None, extra=None):
+        cfg = self._run_cfg(model_cfg, steps)
+        provenance = {"recipe": recipe, "reference": str(self.ref_source), **(extra or {})}
+        kwargs = {"loss_fn": loss_fn} if loss_fn is not None else {}
+        log(f"== {name}: {model_cfg.n_layer} layers, d_model {model_cfg.d_model}, {steps} steps")
+        trainer = train_run(
+            cfg,
+            self.out / name,
+            init,
+            self.env,
+            self.tokenizer,
+            self.folders,
+            self.sampler,
+            self.val,
+            provenance=provenance,
+            resume=is_run(self.out / name),
+            progress=self.progress,
+            resume_hint="the same scion experiment command again (it resumes every run)",
+            **kwargs,
+        )
+        if trainer.stop_reason:
+            raise Stopped(trainer.stop_reason, self.out)
+        return trainer
+
+    def add_row(
+        self,
+        recipe: str,
+        trainer,
+        curves: list[tuple[Path, int]],
+        steps: int | None = None,
+        tokens: int | None = None,
+        label: str | None = None,
+        init: str | None = None,
+    ) -> Row:
+        model = trainer.model
+        registered = RECIPES.get(recipe)
+        group, desc = (registered.group, registered.init) if registered else ("sweep", "first n reference blocks")
+        row = Row(
+            label or recipe,
+            group,
+            init or desc,
+            model.cfg.n_layer,
+            model.num_params(),
+            steps if steps is not None else trainer.state.step,
+            tokens if tokens is not None else trainer.state.tokens,
+            evaluate(model, self.val, self.env.device, self.env.precision),
+            curve(curves),
+            str(curves[-1][0]),
+        )
+        log(f"   {row.recipe}: val loss {row.val_loss:.4f}")
+        self.rows.append(row)
+        self.write_results()
+        return row
+
+    # -- the whole experiment --
+    def run(self) -> list[Row]:
+        c, e = self.cfg.run, self.cfg.experiment
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._check_or_save_config()
+        if e.reference:
+            self.reference = load_reference(e.reference, self.env.device)
+            self.ref_source = e.reference
+            adopt_tokenizer(c, self.reference)
+        self.tokenizer, self.folders = load_data(c, self.env.world)
+        self.sampler, self.val = data_streams(c, self.folders)
+        if self.val is None:
+            raise ScionError(
+                "the experiment compares validation losses: the data needs a validation split "
+                "(raise --data.val-fraction)"
+            )
+        if self.reference is None:
+            self.ref_source = self.out / "reference"
+            steps = e.reference_steps or self.T
+            trainer = self.train("reference", c.model, steps, lambda: fresh(c.model, self.seed), "random")
+            self.add_row("reference", trainer, [(self.out / "reference", 0)])
+            loaded = load_model(self.out / "reference", device=self.env.device)
+            self.reference = Reference(
+                loaded.model,
+                loaded.tokenizer,
+                loaded.config,
+                str(self.ref_source),
+                str(loaded.checkpoint),
+                self.out / "reference" / "tokenizer",
+            )
+        else:
+            check_tokenizer(self.tokenizer, self.reference)
+            self._reference_row()
+        ref = self.reference.model
+        depth = ref.cfg.n_layer
+        n = e.target_layers or max(1, depth // 2)
+        target_cfg = with_depth(ref.cfg, n, f"{ref.cfg.name}-n{n}")
+        if ref.cfg != c.model and not e.reference:
+            raise ScionError("internal: the trained reference does not match the config")
+
+        for name in e.recipes:
+            if RECIPES[name].run is not None:  # the reference is done above
+                RECIPES[name].run(self, ref, n, target_cfg)
+        for k in e.sweep_layers:
+            self.sweep(ref, k)
+        self.write_results()
+        return self.rows
+
+    def _reference_row(self) -> None:
+        ref = self.reference
+        val = evaluate(ref.model, self.val, self.env.device, self.env.precision)
+        self.rows.append(
+            Row(
+                "reference",
+                "reference",
+                f"given: {ref.source}",
+                ref.model.cfg.n_layer,
+                ref.model.num_params(),
+                0,
+                0,
+                val,
+                [],
+                ref.source,
+            )
+        )
+
+    def _check_or_save_config(self) -> None:
+        f = self.out / "experiment.json"
+        now = experiment_to_dict(self.cfg)
+        if f.exists():
+            saved = json.loads(f.read_text())
+            if saved != json.loads(json.dumps(now)):
+                raise ScionError(
+                    f"{self.out}: holds an experiment with another config; choose another --out "
+                    f"(or delete {f} to reuse its finished runs)"
+                )
+        elif self.env.world.main:
+            f.write_text(json.dumps(now, indent=1))
+
+    def sweep(self, ref, k: int) -> None:
+        name = f"sweep-n{k}"
+        cfg = with_depth(ref.cfg, k, f"{ref.cfg.name}-n{k}")
+        spec = InheritSpec(layers=k)
+        t = self.train(
+            name,
+            cfg,
+            self.T,
+            lambda: inherit(ref, spec, self.seed, cfg),
+            "inheritune",
+            extra={"spec": asdict(spec)},
+        )
+        self.add_row(name, t, [(self.out / name, 0)], label=name, init=f"first {k} reference blocks")
+
+    # -- reporting --
+    def write_results(self) -> None:
+        if self.env.world.main:
+            write_results(self.rows, self.T, self.out)
+
+    def plot(self) -> list[Path]:
+        return plot_experiment(self.rows, self.out)
