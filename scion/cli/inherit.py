@@ -126,49 +126,11 @@ def main(argv: list[str]) -> int:
 def _train(
     cfg, out: Path, ref, spec, overwrite: bool, progress, resume_provenance: dict | None = None
 ) -> int:
-    from dataclasses import asdict
-
-    from scion.inherit.init import inherit
-    from scion.inherit.runs import adopt_tokenizer, check_tokenizer, load_reference, train_run
-    from scion.pretrain import data_streams, load_data, setup
+    from scion.inherit.recipe import inheritune
     from scion.train.parallel import shutdown
 
-    env = setup(cfg)
-    if ref is not None:
-        adopt_tokenizer(cfg, ref)
-        cfg.validate()
-    tokenizer, folders = load_data(cfg, env.world)
-    if ref is not None:
-        check_tokenizer(tokenizer, ref)
-    batches, val = data_streams(cfg, folders)
-    provenance = resume_provenance or {
-        "recipe": "inheritune",
-        "reference": ref.source,
-        "reference_checkpoint": ref.checkpoint,
-        "reference_layers": ref.config.model.n_layer,
-        "spec": asdict(spec),
-        "layers": spec.layers,
-        "blocks_from_reference": list(range(spec.layers)) if (spec.attn or spec.mlp or spec.norms) else [],
-    }
-
-    def init():
-        reference = ref or load_reference(provenance["reference"], env.device)
-        return inherit(reference.model.to(env.device), spec, cfg.train.seed, cfg.model)
-
-    trainer = train_run(
-        cfg,
-        out,
-        init,
-        env,
-        tokenizer,
-        folders,
-        batches,
-        val,
-        provenance=provenance,
-        resume=resume_provenance is not None,
-        overwrite=overwrite,
-        progress=progress,
-    )
+    trainer = inheritune(cfg, out, ref, spec, overwrite=overwrite, progress=progress,
+                         resume_provenance=resume_provenance)
     state = trainer.state
     if trainer.world.main:
         val_msg = f", best val loss {state.best_val_loss:.4f}" if state.best_val_loss is not None else ""

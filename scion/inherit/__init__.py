@@ -6,6 +6,7 @@ distillation) through the same training loop.
     init        weight surgery: inherit, grow, stack, hybrid_stack, every_other, half_width
     distill     logit KD and DistilBERT-style losses for the loop
     runs        loading the reference; training an initialised model as a scion run
+    recipe      `scion inherit`: one inherited model, trained
     grow        Algorithm 1, one resumable run per round
 
 The whole comparison with the paper's baselines is scion.experiments.

@@ -31,6 +31,7 @@ from scion.inherit.runs import (
     check_tokenizer,
     evaluate,
     fmt_loss,
+    inheritune_provenance,
     load_reference,
     read_provenance,
     train_run,
@@ -142,16 +143,8 @@ def run_grow(
             cfg, model=with_depth(ref.config.model, n, f"{ref.config.model.name}-inherit{n}")
         )
         if r == 1:
-            provenance = {
-                "recipe": "inheritune",
-                "round": 1,
-                "reference": settings.reference,
-                "reference_checkpoint": ref.checkpoint,
-                "spec": asdict(settings.spec),
-                "layers": n,
-                "blocks_from_reference": list(range(n)),
-                "data_offset_samples": offset,
-            }
+            provenance = inheritune_provenance(ref, settings.spec, n, list(range(n)), round=1,
+                                               data_offset_samples=offset)
 
             def init(n=n, round_cfg=round_cfg):
                 return inherit(
@@ -159,17 +152,8 @@ def run_grow(
                 )
         else:
             prev_n = previous.cfg.n_layer
-            provenance = {
-                "recipe": "inheritune",
-                "round": r,
-                "reference": settings.reference,
-                "reference_checkpoint": ref.checkpoint,
-                "spec": asdict(settings.spec),
-                "layers": n,
-                "grown_from": str(round_dir(out, r - 1)),
-                "blocks_from_reference": list(range(prev_n, n)),
-                "data_offset_samples": offset,
-            }
+            provenance = inheritune_provenance(ref, settings.spec, n, list(range(prev_n, n)), round=r,
+                                               grown_from=str(round_dir(out, r - 1)), data_offset_samples=offset)
 
             def init(previous=previous, prev_n=prev_n, n=n, round_cfg=round_cfg):
                 return grow(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -63,6 +63,14 @@ def load_reference(source: str | Path, device: torch.device | str = "cpu") -> Re
         tok_dir = None
     checkpoint = str(loaded.checkpoint) if loaded.checkpoint is not None else None
     return Reference(loaded.model, loaded.tokenizer, loaded.config, str(source), checkpoint, tok_dir)
+
+
+def inheritune_provenance(reference: Reference, spec, layers: int, blocks: list[int], **extra) -> dict:
+    """What inherit.json records of an Inheritune run: its reference (and the checkpoint read),
+    the spec, its depth, which of its blocks came from the reference, and `extra` (the round,
+    where it grew from, the data offset)."""
+    return {"recipe": "inheritune", "reference": reference.source, "reference_checkpoint": reference.checkpoint,
+            "spec": asdict(spec), "layers": layers, "blocks_from_reference": blocks, **extra}
 
 
 def adopt_tokenizer(cfg: RunConfig, reference: Reference) -> None:
