@@ -20,14 +20,14 @@ from pathlib import Path
 import torch
 
 from scion import checkpoint as ckpt
-from scion.checkpoint.layout import CHECKPOINTS
+from scion.checkpoint.layout import CHECKPOINTS, TRAINER
 from scion.config import RunConfig, load_yaml
 from scion.errors import ScionError
 from scion.lock import LOCK_NAME, hold
 from scion.model import Transformer
 from scion.tokenizer import Tokenizer, load_tokenizer
 
-RUN_FILES = ("config.yaml", "metrics.jsonl", "samples.jsonl", "checkpoints", "tokenizer", "data.json",
+RUN_FILES = ("config.yaml", "metrics.jsonl", "samples.jsonl", CHECKPOINTS, "tokenizer", "data.json",
              "eval", "lazy", "report", "tensorboard")
 
 
@@ -130,7 +130,7 @@ def load_model(path: str | Path, which: str | None = None, device="cpu", dtype=N
         model.to(dtype)
     model.eval()
     tokenizer = load_tokenizer(run_dir / "tokenizer") if (run_dir / "tokenizer").is_dir() else None
-    state = ckpt.load_trainer_state(folder) if (folder / "trainer.json").exists() else {}
+    state = ckpt.load_trainer_state(folder) if (folder / TRAINER).exists() else {}
     return LoadedModel(model, tokenizer, cfg, folder, state)
 
 

@@ -56,14 +56,13 @@ def main(argv: list[str]) -> int:
 
     from scion.checkpoint import list_checkpoints
     from scion.interop import load_reference
-    from scion.run import is_run, resolve_checkpoint
+    from scion.run import is_run, is_scion_source, resolve_checkpoint
     from scion.train.device import resolve_device, resolve_precision
 
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
     refs = select_checkpoints(Path(args.model), args.checkpoints, list_checkpoints, is_run)
-    run_dir = resolve_checkpoint(args.model)[0] if Path(args.model).exists() and (
-        is_run(args.model) or (Path(args.model) / "model.safetensors").is_file()) else None
+    run_dir = resolve_checkpoint(args.model)[0] if is_scion_source(args.model) else None
     manager = None
     if tasks:
         from scion.evaluate.harness import task_manager
@@ -164,8 +163,9 @@ def checkpoint_label(source: str, which: str | None, run_dir: Path | None):
     if run_dir is None:
         return Path(str(source)).name or str(source), None, None
     from scion.checkpoint import load_trainer_state
+    from scion.checkpoint.layout import TRAINER
     from scion.run import resolve_checkpoint
 
     _, folder = resolve_checkpoint(source, which)
-    state = load_trainer_state(folder) if (folder / "trainer.json").exists() else {}
+    state = load_trainer_state(folder) if (folder / TRAINER).exists() else {}
     return folder.name, state.get("step"), state.get("tokens")

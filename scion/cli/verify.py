@@ -60,17 +60,18 @@ def main(argv: list[str]) -> int:
     from dataclasses import asdict
 
     from scion import checkpoint as ckpt
+    from scion.checkpoint import layout
     from scion.run import is_run, load_config
 
     path = Path(args.path)
     if not path.exists():
         raise ScionError(f"{path}: no such run or checkpoint")
     if ckpt.holds_weights(path) or (path / ckpt.COMPLETE).is_file():
-        run_dir = path.parent.parent if path.parent.name == "checkpoints" else None
+        run_dir = path.parent.parent if path.parent.name == layout.CHECKPOINTS else None
         folders = [path]
     elif is_run(path):
         run_dir = path
-        root = path / "checkpoints"
+        root = path / layout.CHECKPOINTS
         folders = sorted(f for f in root.iterdir() if f.is_dir()) if root.is_dir() else []
     else:
         raise ScionError(f"{path}: not a scion run (no config.yaml) or checkpoint folder")
