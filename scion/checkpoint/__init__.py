@@ -53,6 +53,6 @@ __all__ = [
 ]
 
 
-def state_io(parallel: str, consolidate: str = "auto") -> FullStateIO | ShardedStateIO:
+def state_io(parallel: str, consolidated_weights: str = "auto") -> FullStateIO | ShardedStateIO:
     """How checkpoints are written and read for this kind of parallelism."""
-    return ShardedStateIO(consolidate) if parallel == "fsdp" else FullStateIO()
+    return ShardedStateIO(consolidated_weights) if parallel == "fsdp" else FullStateIO()

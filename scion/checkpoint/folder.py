@@ -25,7 +25,6 @@ from safetensors.torch import load_file, save_file
 from scion.checkpoint.layout import (
     CHECKPOINTS,
     COMPLETE,
-    DCP_METADATA,
     MODEL,
     NAME,
     OPTIMIZER,
@@ -34,6 +33,7 @@ from scion.checkpoint.layout import (
     WEIGHT_FILES,
     CheckpointRef,
     checkpoint_name,
+    is_sharded_checkpoint,
 )
 from scion.errors import ScionError
 from scion.faults import fault_point
@@ -236,7 +236,7 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(f))
     except FileNotFoundError as e:
-        if (f.parent / DCP_METADATA).is_file():
+        if is_sharded_checkpoint(f.parent):
             raise ScionError(f"{f.parent}: the weights are saved sharded only; write {f.name} with "
                              f"`scion consolidate {f.parent}`") from e
         raise ScionError(f"{f}: no weights found") from e
@@ -244,8 +244,10 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
         raise ScionError(f"{f}: unreadable weights ({e}); use an earlier checkpoint") from e
 
 
-def check_fits(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: str | Path) -> None:
-    """Refuse weights that do not fit the model, naming exactly what does not."""
+def check_fits(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: str | Path,
+               ) -> dict[str, torch.Tensor]:
+    """Refuse weights that do not fit the model, naming exactly what does not; the model's state
+    dict, which they fit."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in weights and not (k == "lm_head.weight" and is_tied(model))]
     unexpected = [k for k in weights if k not in expected]
@@ -260,12 +262,12 @@ def check_fits(model: torch.nn.Module, weights: dict[str, torch.Tensor], source:
             ) if part
         )
         raise ScionError(f"{source}: weights do not fit this model architecture ({detail})")
+    return expected
 
 
 def load_into(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: str | Path) -> None:
     """Copy weights into a model, naming exactly what does not fit."""
-    check_fits(model, weights, source)
-    expected = model.state_dict()
+    expected = check_fits(model, weights, source)
     with torch.no_grad():
         for k, v in weights.items():
             expected[k].copy_(v)

@@ -84,7 +84,7 @@ def main(argv: list[str]) -> int:
     try:
         rows = experiment.run()
     except Stopped as stop:
-        return stopped_early(stop.reason, "run the same command again to continue")
+        return stopped_early(stop.reason, stop.resume_hint)
     if not rows:
         raise ScionError("the experiment trained nothing; check --recipes")
     plots = experiment.plot()

@@ -95,7 +95,7 @@ def main(argv: list[str]) -> int:
             overwrite=pre.overwrite,
         )
     except Stopped as e:
-        return stopped_early(e.reason, f"continue with: scion grow --resume {out}")
+        return stopped_early(e.reason, e.resume_hint)
     finally:
         from scion.train.parallel import shutdown
 

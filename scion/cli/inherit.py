@@ -139,7 +139,7 @@ def _train(
         )
     shutdown()
     if trainer.stop_reason:
-        return stopped_early(trainer.stop_reason, f"continue with: scion inherit --resume {out}")
+        return stopped_early(trainer.stop_reason, trainer.resume_hint)
     return 0
 
 

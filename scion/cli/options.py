@@ -63,9 +63,10 @@ def refuse_out_with_resume(out: str | None, resume: str | Path, what: str = "a r
         raise ScionError(f"--resume continues {what} in place; drop --out")
 
 
-def stopped_early(reason: str, how_to_continue: str) -> int:
-    """Tell the user a run stopped early and how to continue it; the exit status to return."""
-    print(f"stopped early ({reason}); {how_to_continue}", file=sys.stderr)
+def stopped_early(reason: str, resume_hint: str) -> int:
+    """Tell the user a run stopped early and the command that continues it (the recipe's
+    `Trainer.resume_hint`); the exit status to return."""
+    print(f"stopped early ({reason}); continue with: {resume_hint}", file=sys.stderr)
     return STOPPED_EARLY
 
 

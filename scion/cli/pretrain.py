@@ -70,7 +70,7 @@ def main(argv: list[str]) -> int:
 
     shutdown()
     if trainer.stop_reason:
-        return stopped_early(trainer.stop_reason, f"continue with: scion pretrain --resume {run_dir}")
+        return stopped_early(trainer.stop_reason, trainer.resume_hint)
     return 0
 
 

@@ -178,7 +178,8 @@ def _starts_with(fh, char: str) -> bool:
     return head.startswith(char)
 
 
-def _parquet_records(path: Path, columns: list[str] | None) -> Iterator[tuple[str, dict]]:
+def _parquet_batches(path: Path, columns: list[str] | None):
+    """The file's record batches (of `columns`, or all), after checking it opens and has them."""
     import pyarrow.parquet as pq
 
     try:
@@ -189,8 +190,12 @@ def _parquet_records(path: Path, columns: list[str] | None) -> Iterator[tuple[st
     missing = [c for c in columns or [] if c not in names]
     if missing:
         raise BadFile(f"has no {missing[0]!r} column (columns: {', '.join(names)}; set --text-field)")
+    return pf.iter_batches(columns=columns, batch_size=1024)
+
+
+def _parquet_records(path: Path, columns: list[str] | None) -> Iterator[tuple[str, dict]]:
     row = 0
-    for batch in pf.iter_batches(columns=columns, batch_size=1024):
+    for batch in _parquet_batches(path, columns):
         for record in batch.to_pylist():
             yield f"row {row}", record
             row += 1
@@ -210,9 +215,9 @@ def _read_jsonl(path: Path, text_field: str) -> Iterator[str]:
 
 
 def _read_parquet(path: Path, text_field: str) -> Iterator[str]:
-    for _, record in _parquet_records(path, [text_field]):
-        if record[text_field]:
-            yield record[text_field]
+    # One column as a list of strings: no dict per row on the preparation path.
+    for batch in _parquet_batches(path, [text_field]):
+        yield from filter(None, batch.column(0).to_pylist())
 
 
 def split_long(text: str, max_chars: int) -> list[str]:

@@ -73,11 +73,11 @@ class Experiment:
             provenance=provenance,
             resume=is_run(self.out / name),
             progress=self.progress,
-            resume_hint="the same scion experiment command again (it resumes every run)",
+            resume_hint="the same scion experiment command (it resumes every run)",
             **kwargs,
         )
         if trainer.stop_reason:
-            raise Stopped(trainer.stop_reason, self.out)
+            raise Stopped(trainer.stop_reason, trainer.resume_hint)
         return trainer
 
     def add_row(

@@ -191,7 +191,7 @@ def run_grow(
             resume_hint=f"scion grow --resume {out}",
         )
         if trainer.stop_reason:
-            raise Stopped(trainer.stop_reason, out)
+            raise Stopped(trainer.stop_reason, trainer.resume_hint)
         model = trainer.model
         val_loss = evaluate(model, val, env.device, env.precision)
         rows.append(

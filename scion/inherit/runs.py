@@ -114,11 +114,12 @@ def evaluate(
 
 
 class Stopped(Exception):
-    """A run stopped early (a signal); its checkpoint is saved and the same command resumes it."""
+    """A run of a multi-run recipe stopped early (a signal); its checkpoint is saved, and
+    `resume_hint` is the command that continues the whole recipe."""
 
-    def __init__(self, reason: str, out: Path):
+    def __init__(self, reason: str, resume_hint: str):
         super().__init__(reason)
-        self.reason, self.out = reason, out
+        self.reason, self.resume_hint = reason, resume_hint
 
 
 # ---- one run ---------------------------------------------------------------------------------
