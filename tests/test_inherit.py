@@ -366,6 +366,9 @@ def test_cli_inherit_trains_and_records_provenance(run_scion, reference_run, tmp
     assert again.returncode == 2 and "already exists" in again.stderr
     cont = run_scion("inherit", "--resume", out, "--max-steps", "3", "--progress", "lines")
     assert "resuming" in cont.stderr and ckpt.list_checkpoints(out)[-1].step == 3
+    changed = run_scion("inherit", "--resume", out, "--norms", "--max-steps", "4", check=False)
+    assert changed.returncode == 2 and "drop --norms" in changed.stderr and "Traceback" not in changed.stderr
+    assert ckpt.list_checkpoints(out)[-1].step == 3
 
 
 @pytest.mark.slow

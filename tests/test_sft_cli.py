@@ -136,6 +136,25 @@ def test_lora_checkpoints_hold_merged_weights_and_resume_exactly(tiny_run, tmp_p
     _resume_matches(out, 4)
 
 
+def test_resume_keeps_the_options_the_run_started_with(tiny_run, tmp_path, capsys):
+    from scion.cli.main import main
+    from scion.sft.options import load_options
+
+    data = write_lookup_task(tmp_path / "chats.jsonl", 12)
+    out = tmp_path / "sft"
+    in_process("sft", tiny_run, "--data", data, "--out", out, "--max-steps", "1", "--chat-template", "alpaca",
+               "--lora-train-embeddings", "no", "--lora-targets", "q_proj,k_proj", *SFT_FLAGS)
+    saved = load_options(out)
+    assert (saved.template, saved.lora_train_embeddings, saved.lora_targets) == ("alpaca", False, ["q_proj", "k_proj"])
+    capsys.readouterr()
+    other = write_lookup_task(tmp_path / "other.jsonl", 12, seed=1)
+    for flag, value in [("--chat-template", "chatml"), ("--lora-rank", "4"), ("--data", str(other))]:
+        code = main(["sft", "--resume", str(out), flag, value])
+        err = capsys.readouterr().err
+        assert code == 2 and f"drop {flag}" in err and len(err.strip().splitlines()) == 1, (flag, err)
+    assert main(["sft", "--resume", str(out), "--data", str(data), "--chat-template", "alpaca"]) == 0  # unchanged
+
+
 def test_bad_input_gets_one_clear_line(tiny_run, tmp_path, capsys):
     from scion.cli.main import main  # in-process: the same one-line errors, without a slow start each
 

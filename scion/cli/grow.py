@@ -3,12 +3,18 @@ next blocks until the target's validation loss reaches the reference's."""
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from pathlib import Path
 
-from scion.cli.inherit import add_run_flags, add_spec_flags, check_model_overrides, spec_from_args
-from scion.cli.options import base_parser, parse_config, progress_choice, refuse_out_with_resume, stopped_early
+from scion.cli.options import (
+    add_config_flags,
+    add_progress_flag,
+    base_parser,
+    parse_recipe,
+    progress_choice,
+    refuse_out_with_resume,
+    stopped_early,
+)
 from scion.errors import ScionError
 
 EXAMPLES = """
@@ -32,32 +38,16 @@ def main(argv: list[str]) -> int:
     p.add_argument("--out", default=None, help="folder for the growth run (one run per round inside)")
     p.add_argument("--resume", default=None, metavar="OUT", help="continue this growth run")
     p.add_argument("--overwrite", action="store_true", help="start again in a non-empty --out")
-    p.add_argument("--grow-step", type=int, default=2, help="reference blocks added per round (default 2)")
-    p.add_argument(
-        "--max-layers", type=int, default=None, help="stop growing here (default: reference depth)"
-    )
-    p.add_argument(
-        "--until",
-        choices=["parity", "depth"],
-        default="parity",
-        help="stop at the reference's val loss (parity, the paper) or only at --max-layers",
-    )
-    p.add_argument(
-        "--data-order",
-        choices=["continue", "repeat"],
-        default="continue",
-        help="each round trains on the next T steps of data (continue) or the same T steps (repeat)",
-    )
-    add_spec_flags(p)
-    add_run_flags(p)
-    pre, _ = p.parse_known_args(argv)
-    if pre.help:
-        parse_config(p, argv)
-    progress = progress_choice(pre)
+    add_config_flags(p, default_preset=None)
+    add_progress_flag(p)
 
     from scion.inherit.grow import GrowSettings, load_settings, run_grow, summary_table
     from scion.inherit.runs import Stopped
 
+    pre, _ = p.parse_known_args(argv)
+    if pre.help:
+        parse_recipe(p, argv, GrowSettings())
+    progress = progress_choice(pre)
     if pre.resume:
         out = Path(pre.resume)
         settings, cfg = load_settings(out)
@@ -69,20 +59,12 @@ def main(argv: list[str]) -> int:
     else:
         if not pre.reference or not pre.out:
             raise ScionError("give --reference REF and --out OUT (or --resume OUT); see scion grow --help")
+        from scion.inherit.recipe import check_architecture
         from scion.inherit.runs import load_reference
 
         reference = load_reference(pre.reference)
-        args, cfg = parse_config(p, argv, base=reference.config)
-        check_model_overrides(cfg.model, reference.config.model)
-        settings = GrowSettings(
-            reference=args.reference,
-            spec=spec_from_args(args),
-            step=args.grow_step,
-            max_layers=args.max_layers,
-            data_order=args.data_order,
-            until=args.until,
-        )
-        cfg = dataclasses.replace(cfg)
+        args, cfg, settings = parse_recipe(p, argv, GrowSettings(reference=pre.reference), base=reference.config)
+        check_architecture(cfg.model, reference.config.model)
         out = Path(args.out)
     try:
         rows = run_grow(

@@ -12,13 +12,18 @@ import contextlib
 import dataclasses
 import io
 import sys
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import tyro
 
 from scion.config import DataConfig, ModelConfig, RunConfig, TrainConfig, load_yaml, preset
 from scion.errors import STOPPED_EARLY, ScionError
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -37,11 +42,15 @@ def base_parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 
 def add_config_flags(p: argparse.ArgumentParser, default_preset: str | None = "tiny") -> None:
-    p.add_argument("--preset", default=None,
-                   help=f"named model and training preset (default: {default_preset})")
+    """--preset (unless the recipe's model comes from elsewhere: default_preset None), --config
+    and --data, the training text."""
+    if default_preset:
+        p.add_argument("--preset", default=None,
+                       help=f"named model and training preset (default: {default_preset})")
     p.add_argument("--config", default=None, help="YAML file with model/data/train sections")
     p.add_argument("--data", nargs="+", default=None, metavar="PATH",
-                   help="raw text (files, folders, globs: .txt .jsonl .parquet) or prepared shard folders")
+                   help="raw text (files, folders, globs: .txt .jsonl .parquet) or prepared shard folders"
+                        + ("" if default_preset else " (default: the reference's data)"))
 
 
 def add_progress_flag(p: argparse.ArgumentParser) -> None:
@@ -63,6 +72,20 @@ def refuse_out_with_resume(out: str | None, resume: str | Path, what: str = "a r
         raise ScionError(f"--resume continues {what} in place; drop --out")
 
 
+def refuse_changed_options(options, saved, why: str) -> None:
+    """A resumed run keeps the recipe options it started with: a flag changing one is refused."""
+    changed = [f.name for f in dataclasses.fields(saved) if getattr(options, f.name) != getattr(saved, f.name)]
+    if changed:
+        raise ScionError(f"{why}; drop --{_flag_of(type(saved), changed[0])}")
+
+
+def _flag_of(options_type: type, name: str) -> str:
+    """The flag tyro reads a field from: its own name (`tyro.conf.arg(name=...)`) or the field's."""
+    hint = typing.get_type_hints(options_type, include_extras=True)[name]
+    named = [m.name for m in getattr(hint, "__metadata__", ()) if getattr(m, "name", None)]
+    return named[0] if named else name.replace("_", "-")
+
+
 def stopped_early(reason: str, resume_hint: str) -> int:
     """Tell the user a run stopped early and the command that continues it (the recipe's
     `Trainer.resume_hint`); the exit status to return."""
@@ -79,11 +102,34 @@ def parse_config(
     p: argparse.ArgumentParser, argv: list[str], base: RunConfig | None = None, default_preset: str = "tiny"
 ) -> tuple[argparse.Namespace, RunConfig]:
     """Parse the command's flags and the config overrides. `base` replaces the preset (resuming)."""
+    args, cfg, _ = parse_recipe(p, argv, None, base, default_preset)
+    return args, cfg
+
+
+def parse_recipe(
+    p: argparse.ArgumentParser,
+    argv: list[str],
+    options: T | None,
+    base: RunConfig | None = None,
+    default_preset: str = "tiny",
+    derive: Callable[[T], RunConfig] | None = None,
+    check: bool = True,
+) -> tuple[argparse.Namespace, RunConfig, T | None]:
+    """`parse_config`, and the recipe's options dataclass from the same command line: each of its
+    fields is a flag (lora_rank: --lora-rank), declared once, in the dataclass. `options` holds
+    the defaults (a resumed run's saved options, say). With `derive`, the settings the flags
+    override follow from the options (the model to fine-tune, a target's depth): the options are
+    read first (against `base`, the settings unchecked), then everything against `derive(options)`."""
+    if derive is not None:
+        _, _, options = parse_recipe(p, argv, options, base, default_preset, check=False)
+        return parse_recipe(p, argv, options, derive(options), default_preset)
     args, rest = p.parse_known_args(argv)
+    flags = _flags_type(type(options) if options is not None else None)
     if args.help:
         p.print_help()
-        print("\nconfig overrides (defaults shown for the chosen preset):")
-        _tyro_help(Overrides(), p.prog)
+        print("\n" + ("recipe options and " if options is not None else "") +
+              "config overrides (defaults shown for the chosen preset):")
+        _tyro_help(flags, _defaults(flags, options, base or preset(default_preset)), p.prog)
         raise SystemExit(0)
     if base is None:
         base = preset(getattr(args, "preset", None) or default_preset)
@@ -91,11 +137,10 @@ def parse_config(
         raise ScionError("--preset cannot change the model of an existing run; drop --preset when resuming")
     if getattr(args, "config", None):
         base = load_yaml(args.config, base)
-    defaults = Overrides(model=base.model, data=base.data, train=base.train)
     captured = io.StringIO()
     try:
         with contextlib.redirect_stderr(captured):
-            parsed = tyro.cli(Overrides, args=rest, default=defaults, prog=p.prog)
+            parsed = tyro.cli(flags, args=rest, default=_defaults(flags, options, base), prog=p.prog)
     except SystemExit as e:
         if e.code:
             raise ScionError(f"{_first_message(captured.getvalue())} (see {p.prog} --help)") from None
@@ -103,14 +148,29 @@ def parse_config(
     cfg = RunConfig(model=parsed.model, data=parsed.data, train=parsed.train)
     if getattr(args, "data", None):
         cfg.data = dataclasses.replace(cfg.data, path=list(args.data))
-    cfg.validate()
-    return args, cfg
+    if check:
+        cfg.validate()
+    return args, cfg, getattr(parsed, "recipe", None)
 
 
-def _tyro_help(defaults: Overrides, prog: str) -> None:
+def _flags_type(options_type: type | None) -> type:
+    """The dataclass tyro parses: the recipe's options (unprefixed, first), then the overrides."""
+    if options_type is None:
+        return Overrides
+    fields = [("recipe", tyro.conf.OmitArgPrefixes[options_type])]
+    fields += list(typing.get_type_hints(Overrides, include_extras=True).items())
+    return dataclasses.make_dataclass(f"{options_type.__name__}Flags", fields)
+
+
+def _defaults(flags: type, options, base: RunConfig):
+    extra = {"recipe": options} if options is not None else {}
+    return flags(**extra, model=base.model, data=base.data, train=base.train)
+
+
+def _tyro_help(flags: type, defaults, prog: str) -> None:
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf), contextlib.suppress(SystemExit):
-        tyro.cli(Overrides, args=["--help"], default=defaults, prog=prog)
+        tyro.cli(flags, args=["--help"], default=defaults, prog=prog)
     text = buf.getvalue()
     # Skip tyro's own usage line: the command's usage is printed above.
     sys.stdout.write(text.split("\n", 2)[-1] if text.startswith("usage") else text)

@@ -49,19 +49,11 @@ def main(argv: list[str]) -> int:
         base = load_config(pre.resume)
     args, cfg = parse_config(p, argv, base=base)
 
-    from scion.checkpoint import list_checkpoints
     from scion.pretrain import pretrain  # torch is imported only once the arguments are valid
 
-    if args.resume:
-        out = Path(args.resume)
-        if not list_checkpoints(out):
-            raise ScionError(f"{out}: the run has no complete checkpoint to resume from; "
-                             f"start it again with --out {out} --overwrite")
-    else:
-        out = Path(args.out) if args.out else default_out(cfg.model.name)
-    progress = progress_choice(args)
+    out = Path(args.resume or args.out or default_out(cfg.model.name))
     run_dir, state, trainer = pretrain(cfg, out, resume=bool(args.resume), overwrite=args.overwrite,
-                                       reset_optimizer=args.reset_optimizer, progress=progress)
+                                       reset_optimizer=args.reset_optimizer, progress=progress_choice(args))
     if trainer.world.main:
         val = f", best val loss {state.best_val_loss:.4f}" if state.best_val_loss is not None else ""
         print(f"\nrun directory: {run_dir} (step {state.step}, {state.tokens:,} tokens{val})", file=sys.stderr)

@@ -51,7 +51,7 @@ from scion.inherit.init import (
     with_depth,
 )
 from scion.model import Transformer
-from scion.pretrain import log
+from scion.pretrain.steps import log
 
 if TYPE_CHECKING:
     from scion.experiments.runner import Experiment

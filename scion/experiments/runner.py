@@ -36,7 +36,7 @@ from scion.inherit.runs import (
     load_reference,
     train_run,
 )
-from scion.pretrain import data_streams, load_data, log, setup
+from scion.pretrain.steps import data_streams, load_data, log, setup
 from scion.run import is_run, load_model
 
 

@@ -19,7 +19,9 @@ import json
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
+
+import tyro
 
 from scion.config import RunConfig, from_dict, to_dict
 from scion.errors import ScionError
@@ -36,7 +38,7 @@ from scion.inherit.runs import (
     read_provenance,
     train_run,
 )
-from scion.pretrain import data_streams, load_data, log, setup
+from scion.pretrain.steps import data_streams, load_data, log, setup
 from scion.run import is_run
 
 SETTINGS = "grow.json"
@@ -44,14 +46,20 @@ SETTINGS = "grow.json"
 
 @dataclass
 class GrowSettings:
-    reference: str
-    spec: InheritSpec = field(default_factory=InheritSpec)
-    step: int = 2  # blocks added per round
-    max_layers: int | None = None  # None: the reference's depth
-    data_order: Literal["continue", "repeat"] = (
-        "continue"  # each round: the next T steps of data, or the same
-    )
-    until: Literal["parity", "depth"] = "parity"  # stop at the reference's val loss, or only at max_layers
+    """How a growth run inherits and grows; `scion grow`'s flags and the run's grow.json."""
+
+    # the reference model (the command's --reference)
+    reference: tyro.conf.Suppress[str] = ""
+    # what the first round takes from the reference
+    spec: tyro.conf.OmitArgPrefixes[InheritSpec] = field(default_factory=InheritSpec)
+    # reference blocks added per round
+    step: Annotated[int, tyro.conf.arg(name="grow-step")] = 2
+    # stop growing at this depth (None: the reference's depth)
+    max_layers: int | None = None
+    # each round trains on the next T steps of data (continue) or the same T steps (repeat)
+    data_order: Literal["continue", "repeat"] = "continue"
+    # stop at the reference's val loss (parity, the paper), or only at --max-layers (depth)
+    until: Literal["parity", "depth"] = "parity"
 
     def validate(self, reference_depth: int) -> None:
         if self.step <= 0:

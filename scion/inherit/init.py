@@ -39,13 +39,20 @@ class InheritSpec:
     """What the target takes from the reference. The defaults inherit everything; the paper's
     released code left `embed` and `final_norm` random for LLaMA models (a choice here)."""
 
-    layers: int | None = None  # None: half the reference's depth (at least one)
-    embed: bool = True  # token embedding (and the learned position embedding of GPT-2 models)
+    # blocks to take (None: half the reference's depth, at least one)
+    layers: int | None = None
+    # the reference's token embedding (and GPT-2's learned position embedding); no: a fresh one
+    embed: bool = True
+    # the reference's final norm; no: a fresh one
     final_norm: bool = True
+    # the reference's output head; no: a fresh one
     lm_head: bool = True
-    attn: bool = True  # q/k/v/o projections of each inherited block
-    mlp: bool = True  # gate/up/down projections of each inherited block
-    norms: bool = True  # the two norms inside each inherited block
+    # the q/k/v/o projections of each inherited block; no: fresh ones (the paper's ablation)
+    attn: bool = True
+    # the gate/up/down projections of each inherited block; no: fresh ones
+    mlp: bool = True
+    # the two norms inside each inherited block; no: fresh ones
+    norms: bool = True
 
     def block_parts(self) -> list[str]:
         return [attr for part, attrs in BLOCK_PARTS.items() if getattr(self, part) for attr in attrs]
@@ -70,7 +77,7 @@ def with_depth(cfg: ModelConfig, n_layer: int, name: str | None = None) -> Model
 
 
 def fresh(cfg: ModelConfig, seed: int, device: torch.device | str = "cpu") -> Transformer:
-    """A model initialised exactly as `scion.pretrain.build_model` does for this seed."""
+    """A model initialised exactly as `scion.pretrain.steps.build_model` does for this seed."""
     model = Transformer(cfg)
     model.init_weights(torch.Generator().manual_seed(seed))
     return model.to(device)

@@ -4,28 +4,71 @@ reference's data order as a resumable scion run whose inherit.json records where
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
-from scion.config import RunConfig
-from scion.inherit.init import InheritSpec, inherit
+from scion.config import ModelConfig, RunConfig
+from scion.errors import ScionError
+from scion.inherit.init import InheritSpec, inherit, with_depth
 from scion.inherit.runs import (
     Reference,
     adopt_tokenizer,
     check_tokenizer,
     inheritune_provenance,
     load_reference,
+    read_provenance,
     train_run,
 )
-from scion.pretrain import data_streams, load_data, setup
+from scion.pretrain.steps import data_streams, load_data, setup
+from scion.run import is_run, load_config
 from scion.train.loop import Trainer
 
 
+def target_config(reference: Reference, spec: InheritSpec) -> RunConfig:
+    """The target's settings: the reference's saved ones, at the depth `spec` asks for."""
+    n = spec.resolve_layers(reference.config.model.n_layer)
+    model = with_depth(reference.config.model, n, f"{reference.config.model.name}-inherit{n}")
+    return dataclasses.replace(reference.config, model=model)
+
+
+def check_architecture(model: ModelConfig, expected: ModelConfig) -> None:
+    """The target's architecture is the reference's: only the depth (set by --layers) differs."""
+    a, b = dataclasses.asdict(model), dataclasses.asdict(expected)
+    changed = [k for k in a if k not in ("name", "init_std") and a[k] != b[k]]
+    if changed:
+        flags = ", ".join("--model." + k.replace("_", "-") for k in changed)
+        raise ScionError(f"{flags}: the architecture comes from the reference; drop these overrides")
+
+
+def saved_run(run_dir: Path) -> tuple[RunConfig, InheritSpec, dict]:
+    """An Inheritune run to resume: its settings, its spec and its inherit.json."""
+    if not is_run(run_dir):
+        raise ScionError(f"{run_dir}: not a scion run (no config.yaml); nothing to resume")
+    provenance = read_provenance(run_dir)
+    if provenance.get("recipe") != "inheritune":
+        raise ScionError(
+            f"{run_dir}: not an inherited run (no inherit.json); resume it with scion pretrain --resume"
+        )
+    return load_config(run_dir), InheritSpec(**provenance["spec"]), provenance
+
+
 def inheritune(cfg: RunConfig, out: Path, reference: Reference | None, spec: InheritSpec, *,
-               overwrite: bool = False, progress: bool | None = None,
-               resume_provenance: dict | None = None) -> Trainer:
+               resume: bool = False, overwrite: bool = False, progress: bool | None = None) -> Trainer:
     """Train the target `cfg.model` from `reference`'s blocks as `spec` says, into `out`; or, with
-    `resume_provenance` (the run's inherit.json), continue that run, reloading its reference only
-    if it stopped before its first checkpoint."""
+    `resume`, continue that run, reloading its reference only if it stopped before its first
+    checkpoint."""
+    if resume:
+        saved, spec, provenance = saved_run(out)
+        check_architecture(cfg.model, saved.model)
+    else:
+        target = target_config(reference, spec)
+        check_architecture(cfg.model, target.model)
+        spec = dataclasses.replace(spec, layers=target.model.n_layer)
+        provenance = inheritune_provenance(
+            reference, spec, spec.layers,
+            blocks=list(range(spec.layers)) if (spec.attn or spec.mlp or spec.norms) else [],
+            reference_layers=reference.config.model.n_layer,
+        )
     env = setup(cfg)
     if reference is not None:
         adopt_tokenizer(cfg, reference)
@@ -34,16 +77,10 @@ def inheritune(cfg: RunConfig, out: Path, reference: Reference | None, spec: Inh
     if reference is not None:
         check_tokenizer(tokenizer, reference)
     batches, val = data_streams(cfg, folders)
-    provenance = resume_provenance or inheritune_provenance(
-        reference, spec, spec.layers,
-        blocks=list(range(spec.layers)) if (spec.attn or spec.mlp or spec.norms) else [],
-        reference_layers=reference.config.model.n_layer,
-    )
 
     def init():
         ref = reference or load_reference(provenance["reference"], env.device)
         return inherit(ref.model.to(env.device), spec, cfg.train.seed, cfg.model)
 
     return train_run(cfg, out, init, env, tokenizer, folders, batches, val, provenance=provenance,
-                     resume=resume_provenance is not None, overwrite=overwrite, progress=progress)
-
+                     resume=resume, overwrite=overwrite, progress=progress)

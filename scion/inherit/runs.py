@@ -2,7 +2,7 @@
 
 Every recipe of the comparison ends here: a run directory laid out as `scion pretrain` lays it
 out (config.yaml, metrics.jsonl, checkpoints/, tokenizer/, data.json), plus `inherit.json`
-recording where the initial weights came from. Training is `scion.pretrain.train`, the one
+recording where the initial weights came from. Training is `scion.pretrain.steps.train`, the one
 loop; only the initial model, the loss and the data offset differ.
 """
 
@@ -21,7 +21,7 @@ from scion.cache import cache_root
 from scion.config import RunConfig
 from scion.errors import ScionError
 from scion.model import Transformer
-from scion.pretrain import Setup, build_model, log, start_run, train
+from scion.pretrain.steps import Setup, build_model, log, start_run, train
 from scion.run import is_run
 from scion.source import load_source
 from scion.tokenizer import Tokenizer

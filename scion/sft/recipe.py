@@ -10,92 +10,41 @@ metrics, a tokenizer/ folder that now carries the chat template and its tokens),
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
-import yaml
 
 from scion import checkpoint as ckpt
-from scion.config import DataConfig, RunConfig
+from scion.config import RunConfig
 from scion.errors import ScionError
 from scion.model import Transformer
-from scion.pretrain import log, setup, start_run, train
-from scion.run import check_new_run_dir
+from scion.pretrain.steps import log, setup, start_run, train
+from scion.run import check_new_run_dir, is_scion_source, load_config, resolve_checkpoint
 from scion.sft.batches import SFTBatches, eval_batches, make_examples, sft_loss
 from scion.sft.lora import ADAPTER_FILE, apply_lora, load_adapter, lora_layers, save_adapter
+from scion.sft.options import OPTIONS_FILE, REPORT_FILE, SFTConfig, save_options
 from scion.sft.records import read_records
 from scion.sft.template import ChatTemplate, render, resolve_template
 from scion.sft.vocab import fit_embeddings, with_chat_tokens
-from scion.source import load_source
+from scion.source import Source, load_source
 from scion.tokenizer import Tokenizer
+from scion.train.device import resolve_device
 from scion.train.loop import Trainer
 
-OPTIONS_FILE = "sft.yaml"
-REPORT_FILE = "sft-data.json"
 
-
-@dataclass
-class SFTConfig:
-    source: str = ""  # a scion run or checkpoint folder, or a Hugging Face model (through scion.interop)
-    data: list[str] = field(default_factory=list)
-    template: str | None = None  # chatml, alpaca, a .jinja file; None: the tokenizer's own, else chatml
-    stop_token: str | None = None  # for a template file: the token ending an assistant turn
-    train_on: Literal["assistant", "all"] = "assistant"
-    layout: Literal["pack", "pad"] = "pack"
-    too_long: Literal["truncate", "drop"] = "truncate"
-    bad_records: Literal["skip", "error"] = "skip"
-    epochs: float = 3.0  # sets max_steps unless --max-steps is given
-    lora_rank: int = 0  # 0: full fine-tuning
-    lora_alpha: float | None = None  # None: 2 x rank
-    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
-    lora_dropout: float = 0.0
-    lora_train_embeddings: bool | None = None  # None: when the template added tokens
-
-    def validate(self) -> None:
-        if not self.data:
-            raise ScionError(
-                "scion sft needs --data (instruction JSONL/Parquet, a saved data set or hf:NAME)"
-            )
-        if self.epochs <= 0:
-            raise ScionError(f"--epochs must be positive, got {self.epochs}")
-        if self.lora_rank < 0:
-            raise ScionError(f"--lora-rank must be 0 (full fine-tuning) or positive, got {self.lora_rank}")
-        if not 0 <= self.lora_dropout < 1:
-            raise ScionError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
-
-
-def fine_tuning_config(base: RunConfig, lora: bool) -> RunConfig:
-    """The fine-tuning run's settings, from the source's pretraining ones: a tenth of its learning
-    rate (its full rate with LoRA, whose adapters start at zero), decaying to a tenth of that, 10
-    warm-up steps, one micro-batch a step, 5% of the conversations held out; the model as it is."""
-    train = base.train
-    lr = train.lr if lora else train.lr / 10
-    train = dataclasses.replace(train, lr=lr, min_lr=lr / 10, tokens_per_step=None, warmup_steps=10)
-    return dataclasses.replace(base, data=DataConfig(val_fraction=0.05), train=train)
-
-
-def save_options(options: SFTConfig, run_dir: Path, report: dict) -> None:
-    """sft.yaml (what `--resume` rebuilds the run from) and sft-data.json (what the data held)."""
-    (run_dir / OPTIONS_FILE).write_text(yaml.safe_dump(dataclasses.asdict(options), sort_keys=False))
-    (run_dir / REPORT_FILE).write_text(json.dumps(report, indent=1))
-
-
-def load_options(run_dir: Path) -> SFTConfig:
-    path = Path(run_dir) / OPTIONS_FILE
-    try:
-        values = yaml.safe_load(path.read_text())
-        return SFTConfig(**values)
-    except FileNotFoundError as e:
-        raise ScionError(
-            f"{run_dir}: not an SFT run (no {OPTIONS_FILE}); resume it with scion pretrain"
-        ) from e
-    except (yaml.YAMLError, TypeError) as e:
-        raise ScionError(f"{path}: not a valid SFT options file ({e})") from e
+def source_config(source: str) -> tuple[RunConfig, Source | None]:
+    """The source's settings (what the fine-tuning settings start from), and the model itself
+    when it had to be loaded to know them (a Hugging Face model)."""
+    path = Path(source)
+    if is_scion_source(path):
+        run_dir, _ = resolve_checkpoint(path)
+        return load_config(run_dir), None
+    if not path.exists() and not source.startswith("hf:"):
+        raise ScionError(f"{source}: no such run, checkpoint or Hugging Face model folder")
+    loaded = load_source(source, resolve_device("auto"))
+    return loaded.config, loaded
 
 
 # ---- data ----------------------------------------------------------------------------------------

@@ -1,5 +1,7 @@
-"""Pretraining: from a resolved config to a trained run directory. Other recipes (Inheritune,
-growth, distillation, SFT) build their model or batches differently and then call `train`."""
+"""The steps every recipe takes: the device and ranks (`setup`), the prepared data
+(`load_data`, `data_streams`), a fresh model (`build_model`), the run directory (`start_run`) and
+the training loop with the run's callbacks (`train`). Pretraining is these in order; Inheritune,
+growth, distillation and SFT build their model or batches differently and end in `train` too."""
 
 from __future__ import annotations
 
@@ -16,12 +18,11 @@ from scion.config import RunConfig, save_yaml
 from scion.data.dataset import Sampler, TokenSplit, eval_batches
 from scion.data.sources import resolve_datasets
 from scion.errors import ScionError
-from scion.lock import hold, release
 from scion.model import Transformer
-from scion.run import check_new_run_dir, prepare_run_dir, write_data_record
+from scion.run import prepare_run_dir, write_data_record
 from scion.tokenizer import Tokenizer
 from scion.train.device import resolve_device, resolve_precision
-from scion.train.loop import LossFn, Trainer, TrainState, lm_loss
+from scion.train.loop import LossFn, Trainer, lm_loss
 from scion.train.parallel import init_distributed, parallelize
 from scion.train.world import World
 
@@ -155,24 +156,3 @@ def start_run(cfg: RunConfig, out: Path, overwrite: bool, tokenizer: Tokenizer, 
     if world.size > 1:
         dist.barrier()
     return out
-
-
-def pretrain(cfg: RunConfig, out: Path | None, resume: bool, overwrite: bool = False,
-             reset_optimizer: bool = False, progress: bool | None = None) -> tuple[Path, TrainState, Trainer]:
-    cfg.validate()
-    if not resume:
-        check_new_run_dir(out, overwrite)
-    env = setup(cfg)
-    tokenizer, folders = load_data(cfg, env.world)
-    batches, val = data_streams(cfg, folders)  # before the run directory: bad data leaves no run behind
-    if resume:
-        run_dir = out
-        if env.world.main:
-            hold(run_dir, log)  # one writer per run: refuses while another trainer writes to it
-    else:
-        run_dir = start_run(cfg, out, overwrite, tokenizer, folders, env.world)
-    model = build_model(cfg, env.device)
-    trainer = train(cfg, run_dir, model, tokenizer, batches, val, env, resume=resume,
-                    reset_optimizer=reset_optimizer, progress=progress)
-    release(run_dir)
-    return run_dir, trainer.state, trainer
