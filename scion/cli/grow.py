@@ -8,7 +8,7 @@ from pathlib import Path
 
 from scion.cli.options import (
     add_config_flags,
-    add_progress_flag,
+    add_run_flags,
     base_parser,
     parse_recipe,
     progress_choice,
@@ -35,11 +35,8 @@ def main(argv: list[str]) -> int:
     p.add_argument(
         "--reference", default=None, help="scion run, checkpoint folder or Hugging Face model folder"
     )
-    p.add_argument("--out", default=None, help="folder for the growth run (one run per round inside)")
-    p.add_argument("--resume", default=None, metavar="OUT", help="continue this growth run")
-    p.add_argument("--overwrite", action="store_true", help="start again in a non-empty --out")
+    add_run_flags(p, out="folder for the growth run (one run per round inside)", run="growth run")
     add_config_flags(p, default_preset=None)
-    add_progress_flag(p)
 
     from scion.inherit.grow import GrowSettings, load_settings, run_grow, summary_table
     from scion.inherit.runs import Stopped

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from scion.cli.options import (
     add_config_flags,
-    add_progress_flag,
+    add_run_flags,
     base_parser,
+    finish_training,
     parse_recipe,
     progress_choice,
     refuse_changed_options,
     refuse_out_with_resume,
-    stopped_early,
 )
 from scion.errors import ScionError
 
@@ -40,13 +39,8 @@ def main(argv: list[str]) -> int:
     p.add_argument(
         "--reference", default=None, help="scion run, checkpoint folder or Hugging Face model folder"
     )
-    p.add_argument("--out", default=None, help="run directory for the target")
-    p.add_argument(
-        "--resume", default=None, metavar="RUN_DIR", help="continue this run from its latest checkpoint"
-    )
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    add_run_flags(p, out="run directory for the target")
     add_config_flags(p, default_preset=None)
-    add_progress_flag(p)
 
     from scion.inherit.init import InheritSpec
 
@@ -76,17 +70,7 @@ def main(argv: list[str]) -> int:
         out = Path(args.out)
 
     from scion.inherit.recipe import inheritune
-    from scion.train.parallel import shutdown
 
     trainer = inheritune(cfg, out, reference, spec, resume=bool(pre.resume), overwrite=args.overwrite,
                          progress=progress_choice(args))
-    state = trainer.state
-    if trainer.world.main:
-        val_msg = f", best val loss {state.best_val_loss:.4f}" if state.best_val_loss is not None else ""
-        print(
-            f"\nrun directory: {out} (step {state.step}, {state.tokens:,} tokens{val_msg})", file=sys.stderr
-        )
-    shutdown()
-    if trainer.stop_reason:
-        return stopped_early(trainer.stop_reason, trainer.resume_hint)
-    return 0
+    return finish_training(trainer, out, f"sample from it: scion generate {out}")

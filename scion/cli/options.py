@@ -53,6 +53,32 @@ def add_config_flags(p: argparse.ArgumentParser, default_preset: str | None = "t
                         + ("" if default_preset else " (default: the reference's data)"))
 
 
+def add_run_flags(p: argparse.ArgumentParser, out: str, run: str = "run") -> None:
+    """A training recipe's own flags: where the run goes (`out` is its help), how to continue
+    one, whether to replace one, and how progress is shown."""
+    p.add_argument("--out", default=None, help=out)
+    p.add_argument("--resume", default=None, metavar="RUN_DIR", help=f"continue this {run} where it stopped")
+    p.add_argument("--overwrite", action="store_true", help=f"replace an existing {run} in --out")
+    add_progress_flag(p)
+
+
+def finish_training(trainer, run_dir: Path, next_step: str | None = None) -> int:
+    """The end of a training command: where the run is and what to do with it (main rank only),
+    the process group closed, and the exit status (75 with the resume command if it stopped early)."""
+    from scion.train.parallel import shutdown
+
+    if trainer.world.main:
+        state = trainer.state
+        val = f", best val loss {state.best_val_loss:.4f}" if state.best_val_loss is not None else ""
+        print(f"\nrun directory: {run_dir} (step {state.step}, {state.tokens:,} tokens{val})", file=sys.stderr)
+        if next_step:
+            print(next_step, file=sys.stderr)
+    shutdown()
+    if trainer.stop_reason:
+        return stopped_early(trainer.stop_reason, trainer.resume_hint)
+    return 0
+
+
 def add_progress_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--progress", choices=["auto", "bar", "lines"], default="auto",
                    help="a live progress bar, or a line per log step (auto: bar on a terminal)")

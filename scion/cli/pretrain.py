@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from scion.cli.options import (
     add_config_flags,
-    add_progress_flag,
+    add_run_flags,
     base_parser,
+    finish_training,
     parse_config,
     progress_choice,
     refuse_out_with_resume,
-    stopped_early,
 )
 from scion.errors import ScionError
 from scion.run import is_run, load_config
@@ -33,12 +32,9 @@ examples:
 def main(argv: list[str]) -> int:
     p = base_parser("scion pretrain", "Train a LLaMA-family (or GPT-2-style) model from scratch." + EXAMPLES)
     add_config_flags(p)
-    p.add_argument("--out", default=None, help="run directory (default: runs/<preset>-<time>)")
-    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue this run from its latest checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    add_run_flags(p, out="run directory (default: runs/<preset>-<time>)")
     p.add_argument("--reset-optimizer", action="store_true",
                    help="resume WITHOUT the optimizer state (reproduces the DMaS-LLaMa-Lite mistake)")
-    add_progress_flag(p)
 
     base = None
     pre, _ = p.parse_known_args(argv)
@@ -52,18 +48,9 @@ def main(argv: list[str]) -> int:
     from scion.pretrain import pretrain  # torch is imported only once the arguments are valid
 
     out = Path(args.resume or args.out or default_out(cfg.model.name))
-    run_dir, state, trainer = pretrain(cfg, out, resume=bool(args.resume), overwrite=args.overwrite,
-                                       reset_optimizer=args.reset_optimizer, progress=progress_choice(args))
-    if trainer.world.main:
-        val = f", best val loss {state.best_val_loss:.4f}" if state.best_val_loss is not None else ""
-        print(f"\nrun directory: {run_dir} (step {state.step}, {state.tokens:,} tokens{val})", file=sys.stderr)
-        print(f'sample from it: scion generate {run_dir} --prompt "ROMEO."', file=sys.stderr)
-    from scion.train.parallel import shutdown
-
-    shutdown()
-    if trainer.stop_reason:
-        return stopped_early(trainer.stop_reason, trainer.resume_hint)
-    return 0
+    run_dir, _, trainer = pretrain(cfg, out, resume=bool(args.resume), overwrite=args.overwrite,
+                                   reset_optimizer=args.reset_optimizer, progress=progress_choice(args))
+    return finish_training(trainer, run_dir, f'sample from it: scion generate {run_dir} --prompt "ROMEO."')
 
 
 def default_out(name: str) -> Path:

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from scion.cli.options import (
-    add_progress_flag,
+    add_run_flags,
     base_parser,
     explicit_train_fields,
+    finish_training,
     parse_recipe,
     progress_choice,
     refuse_changed_options,
     refuse_out_with_resume,
-    stopped_early,
 )
 from scion.config import RunConfig
 from scion.errors import ScionError
@@ -36,11 +35,8 @@ Training flags are those of scion pretrain (--max-steps, --lr, --micro-batch-siz
 
 def main(argv: list[str]) -> int:
     p = base_parser("scion sft", "Fine-tune a pretrained model on instructions or conversations." + EXAMPLES)
-    p.add_argument("--out", help="run directory for the fine-tuned model")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue this SFT run from its latest checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    add_run_flags(p, out="run directory for the fine-tuned model", run="SFT run")
     p.add_argument("--config", default=None, help="YAML file with model/data/train sections")
-    add_progress_flag(p)
 
     from scion.sft.options import SFTConfig, fine_tuning_config, load_options
 
@@ -83,15 +79,4 @@ def main(argv: list[str]) -> int:
         progress=progress_choice(args),
         preloaded=preloaded,
     )
-    if trainer.world.main:
-        state = trainer.state
-        val = f", best val loss {state.best_val_loss:.4f}" if state.best_val_loss is not None else ""
-        print(f"\nrun directory: {run_dir} (step {state.step}{val})", file=sys.stderr)
-        print(f"talk to it: scion chat {run_dir}", file=sys.stderr)
-    from scion.train.parallel import shutdown
-
-    shutdown()
-    if trainer.stop_reason:
-        return stopped_early(trainer.stop_reason, trainer.resume_hint)
-    return 0
-
+    return finish_training(trainer, run_dir, f"talk to it: scion chat {run_dir}")
