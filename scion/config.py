@@ -238,9 +238,11 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "tinyllama-1.1b": dict(lr=4e-4, min_lr=4e-5, warmup_steps=2000, weight_decay=0.1,
                            tokens_per_step=2048 * 1024, max_steps=1_430_000, micro_batch_size=8,
                            precision="bf16"),
+    # About 20B tokens (38,147 x 524,288 = 20.0B), as the papers say (19,073 steps would be
+    # 10B). HellaSwag every 250 steps, as the released training script evaluates.
     "dmas-llama-lite-1.7b": dict(lr=6e-4, min_lr=6e-5, warmup_steps=715, weight_decay=0.1,
-                                 tokens_per_step=524_288, max_steps=19_073, micro_batch_size=16,
-                                 precision="bf16"),
+                                 tokens_per_step=524_288, max_steps=38_147, micro_batch_size=16,
+                                 precision="bf16", eval_tasks=["hellaswag"], eval_tasks_every=250),
     "open-llama-3b": dict(lr=3e-4, min_lr=3e-5, warmup_steps=1000, tokens_per_step=131_072,
                           precision="bf16"),
 }

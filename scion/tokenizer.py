@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 from collections.abc import Iterable, Iterator
@@ -160,6 +161,11 @@ def _convert_with_transformers(folder: Path) -> HFTokenizer:
         from transformers import AutoTokenizer
     except ImportError as e:
         raise ScionError(f"{folder}: has no tokenizer.json; converting it needs `pip install transformers`") from e
+    if (folder / "tokenizer.model").is_file() and importlib.util.find_spec("sentencepiece") is None:
+        raise ScionError(
+            f"{folder}: holds a SentencePiece tokenizer.model and no tokenizer.json; converting it needs "
+            "`pip install sentencepiece protobuf`, or save a tokenizer.json into the folder where "
+            "transformers is set up (AutoTokenizer.from_pretrained(folder).save_pretrained(folder))")
     try:
         return AutoTokenizer.from_pretrained(str(folder), use_fast=True).backend_tokenizer
     except Exception as e:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -143,6 +144,93 @@ def test_eval_cli_scores_local_tasks_and_data(facts_run, facts, run_scion, tmp_p
     assert "scion_capitals (acc)" in header and "scion_rolling (word_perplexity)" in header
     assert header.endswith("| avg |")
     assert sum(line.startswith("| step-") for line in proc.stdout.splitlines()) == 2
+
+
+def test_builtin_suites_are_the_papers_tables():
+    from scion.evaluate.suites import builtin_suites, load_suite
+
+    assert {"tinyllama", "inheritune-zeroshot", "inheritune-mmlu"} <= set(builtin_suites())
+    tiny = load_suite("tinyllama")
+    assert tiny.names == ["hellaswag", "openbookqa", "winogrande", "arc_challenge", "arc_easy", "boolq", "piqa"]
+    assert set(tiny.shots.values()) == {0}
+    assert tiny.metrics == {"hellaswag": "acc_norm", "openbookqa": "acc_norm", "winogrande": "acc",
+                            "arc_challenge": "acc_norm", "arc_easy": "acc_norm", "boolq": "acc", "piqa": "acc_norm"}
+    zero = load_suite("inheritune-zeroshot")
+    assert zero.names == ["arc_easy", "lambada_openai", "sciq", "hellaswag", "piqa"]
+    assert set(zero.shots.values()) == {0}
+    mmlu = load_suite("inheritune-mmlu")
+    assert mmlu.names == zero.names + ["mmlu"]
+    assert mmlu.shots == {**zero.shots, "mmlu": 5}
+
+
+def test_builtin_suites_name_tasks_the_harness_knows():
+    from scion.evaluate.harness import task_manager
+    from scion.evaluate.suites import builtin_suites, load_suite
+
+    names = sorted({t for s in builtin_suites() for t in load_suite(s).names})
+    task_manager(names)  # raises ScionError naming any unknown task
+
+
+@pytest.mark.parametrize("text, message", [
+    ("tasks: []\n", "needs a `tasks:` list"),
+    ("tasks:\n  - {task: a, shots: -1}\n", "shots must be a whole number"),
+    ("tasks:\n  - {task: a}\n  - {task: a, shots: 5}\n", "listed twice"),
+    ("tasks:\n  - {task: a, fewshot: 5}\n", "unknown key(s) fewshot"),
+    ("title: [unclosed\n", "not valid YAML"),
+])
+def test_a_bad_suite_file_is_one_line_naming_it(tmp_path, text, message):
+    from scion.evaluate.suites import load_suite
+
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ScionError, match=None) as e:
+        load_suite(str(path))
+    assert str(path) in str(e.value) and message in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ScionError, match="built-in ones are .*tinyllama"):
+        load_suite("no-such-suite")
+
+
+def test_a_suite_runs_each_task_at_its_shots_over_checkpoints(facts_run, facts, run_scion, tmp_path):
+    tasks = tmp_path / "suite-tasks"
+    shutil.copytree(facts["tasks"], tasks)
+    few = (tasks / "capitals.yaml").read_text().replace("task: scion_capitals", "task: scion_capitals_2shot")
+    (tasks / "capitals-2shot.yaml").write_text(few + "fewshot_split: test\n")
+    suite = tmp_path / "capitals-table.yaml"
+    suite.write_text("title: Capitals table\nsource: a test\ninclude_path: suite-tasks\ntasks:\n"
+                     "  - {task: scion_capitals, shots: 0}\n  - {task: scion_capitals_2shot, shots: 2, metric: acc}\n"
+                     "  - {task: scion_rolling, shots: 0, metric: bits_per_byte}\n")
+    out = tmp_path / "results.json"
+    proc = run_scion("eval", facts_run, "--suite", suite, "--checkpoints", "all", "--batch-size", "4",
+                     "--out", out, cwd=tmp_path)
+    results = json.loads(out.read_text())
+    assert results["num_fewshot"] == {"scion_capitals": 0, "scion_capitals_2shot": 2, "scion_rolling": 0}
+    assert [r["step"] for r in results["rows"]] == [40, 80]
+    for row in results["rows"]:
+        assert row["n_shot"] == {"scion_capitals": 0, "scion_capitals_2shot": 2, "scion_rolling": 0}
+        headline = row["scores"]["headline"]
+        assert list(headline) == ["scion_capitals", "scion_capitals_2shot", "scion_rolling"]
+        assert headline["scion_rolling"]["metric"] == "bits_per_byte"
+        accuracies = [headline["scion_capitals"]["value"], headline["scion_capitals_2shot"]["value"]]
+        assert row["scores"]["average"] == pytest.approx(sum(accuracies) / 2)
+    lines = proc.stdout.splitlines()
+    assert "Capitals table (a test)" in lines
+    header = next(line for line in lines if line.startswith("| checkpoint"))
+    assert "scion_capitals_2shot (acc, 2-shot) " in header and "scion_rolling (bits_per_byte) " in header
+    assert sum(line.startswith("| step-") for line in lines) == 2
+    refused = run_scion("eval", facts_run, "--suite", suite, "--num-fewshot", "1", check=False)
+    assert refused.returncode == 2 and "drop --tasks and --num-fewshot" in refused.stderr
+
+
+def test_a_task_whose_data_cannot_be_fetched_is_one_line(random_model, run_scion, tmp_path):
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "remote.yaml").write_text("task: scion_remote\ndataset_path: scion-tests/not-on-this-machine\n"
+                                       "test_split: test\noutput_type: multiple_choice\ndoc_to_text: q\n"
+                                       "doc_to_choice: choices\ndoc_to_target: 0\n")
+    proc = run_scion("eval", random_model[2], "--tasks", "scion_remote", "--include-path", tasks, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert "scion_remote" in line and "scion-tests/not-on-this-machine" in line and "--include-path" in line
 
 
 # ---- the adapter computes exactly what the model does -----------------------------------

@@ -13,6 +13,9 @@ from scion.errors import ScionError
 
 EXAMPLES = """
 examples:
+  scion eval runs/a --suite tinyllama                          # TinyLlama's seven-task table, zero-shot
+  scion eval runs/a --suite inheritune-mmlu --checkpoints all  # Inheritune Table 5 (MMLU 5-shot) over training
+  scion eval runs/a --suite my-table.yaml                      # a suite of your own (see scion/evaluate/suites/)
   scion eval runs/a --tasks hellaswag,openbookqa,winogrande,arc_challenge,arc_easy,boolq,piqa
   scion eval runs/a --tasks mmlu --num-fewshot 5 --limit 100
   scion eval runs/a --tasks my_task --include-path my_tasks/    # task YAML files of your own
@@ -28,6 +31,9 @@ def main(argv: list[str]) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="run directory, checkpoint folder, or Hugging Face model folder / hub id")
     p.add_argument("--tasks", default=None, help="comma-separated lm-eval task (or group) names")
+    p.add_argument("--suite", default=None,
+                   help="a paper's table by name (tinyllama, inheritune-zeroshot, inheritune-mmlu) or a suite "
+                        "YAML file: its tasks, each with its own shots and metric")
     p.add_argument("--data", nargs="+", default=None, metavar="PATH",
                    help="prepared shard folders (their validation split) or raw text files/folders")
     p.add_argument("--checkpoint", default=None, help="step number or checkpoint name (default: latest)")
@@ -47,8 +53,16 @@ def main(argv: list[str]) -> int:
     p.add_argument("--seed", type=int, default=1234)
     args = p.parse_args(argv)
     tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
+    suite = None
+    if args.suite:
+        from scion.evaluate.suites import load_suite
+
+        if tasks or args.num_fewshot is not None:
+            raise ScionError("--suite names its tasks and their shots; drop --tasks and --num-fewshot")
+        suite = load_suite(args.suite)
+        tasks = suite.names
     if not tasks and not args.data:
-        raise ScionError("give --tasks (benchmark tasks) or --data (perplexity on data), or both")
+        raise ScionError("give --tasks or --suite (benchmark tasks), or --data (perplexity on data), or both")
     if args.batch_size <= 0 or (args.limit is not None and args.limit <= 0):
         raise ScionError("--batch-size and --limit must be positive")
     if args.checkpoint and args.checkpoints:
@@ -67,7 +81,9 @@ def main(argv: list[str]) -> int:
     if tasks:
         from scion.evaluate.harness import task_manager
 
-        manager = task_manager(tasks, args.include_path)  # unknown names fail here, before any model loads
+        include = (suite.include_path if suite else None) or args.include_path
+        manager = task_manager(tasks, include)  # unknown names fail here, before any model loads
+    shots = suite.shots if suite else args.num_fewshot
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
 
     rows = []
@@ -89,23 +105,29 @@ def main(argv: list[str]) -> int:
         if tasks:
             from scion.evaluate.harness import evaluate_tasks
 
-            print(f"{name}: running {', '.join(tasks)} ...", file=sys.stderr, flush=True)
-            scores, full = evaluate_tasks(model, tok, tasks, num_fewshot=args.num_fewshot, limit=limit,
+            print(f"{name}: running {suite.title if suite else ', '.join(tasks)} ...", file=sys.stderr, flush=True)
+            scores, full = evaluate_tasks(model, tok, tasks, num_fewshot=shots, limit=limit,
                                           batch_size=args.batch_size, device=device, precision=precision,
-                                          seed=args.seed, manager=manager)
+                                          seed=args.seed, manager=manager, metrics=suite.metrics if suite else None)
             row["scores"] = scores.to_dict()
             row["n_samples"] = full.get("n-samples", {})
+            row["n_shot"] = full.get("n-shot", {})
         rows.append(row)
         del model
 
     if tasks:
         from scion.evaluate.harness import format_table
 
-        print(format_table(rows, tasks))
+        if suite:
+            print(f"{suite.title} ({suite.source})" if suite.source else suite.title)
+        print(format_table(rows, tasks, shots if isinstance(shots, dict) else None))
     from importlib.metadata import version
 
-    settings = {"model": str(args.model), "tasks": tasks, "data": args.data, "num_fewshot": args.num_fewshot,
+    settings = {"model": str(args.model), "tasks": tasks, "data": args.data, "num_fewshot": shots,
                 "limit": args.limit, "seed": args.seed}
+    if suite:
+        settings["suite"] = {"name": suite.name, "title": suite.title, "source": suite.source,
+                             "metrics": suite.metrics}
     if tasks:
         settings["lm_eval_version"] = version("lm_eval")
     if run_dir is not None:  # one file per checkpoint in RUN_DIR/eval/, where `scion report` reads them

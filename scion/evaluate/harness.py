@@ -18,6 +18,7 @@ import io
 import logging
 import math
 import os
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -253,8 +254,11 @@ class TaskScores:
                 "average": self.average}
 
 
-def summarise(results: dict[str, Any], tasks: list[str]) -> TaskScores:
-    scores = TaskScores()
+def summarise(results: dict[str, Any], tasks: list[str], metrics: dict[str, str] | None = None,
+              scores: TaskScores | None = None) -> TaskScores:
+    """One headline per task: the metric `metrics` names for it (a suite's column), else the
+    first of HEADLINE the task reports. Added to `scores` when given."""
+    scores = scores or TaskScores()
     tables = {**results.get("results", {}), **results.get("groups", {})}
     for task in tasks:
         row = tables.get(task)
@@ -267,7 +271,11 @@ def summarise(results: dict[str, Any], tasks: list[str]) -> TaskScores:
                     and not isinstance(value, bool) and math.isfinite(value):
                 values.setdefault(metric, float(value))
         scores.metrics[task] = values
-        for metric in HEADLINE + tuple(values):
+        wanted = (metrics or {}).get(task)
+        if wanted is not None and wanted not in values:
+            raise ScionError(f"task {task} reports {', '.join(sorted(values))}, not {wanted}; "
+                             "fix the metric of its suite entry")
+        for metric in ((wanted,) if wanted else ()) + HEADLINE + tuple(values):
             if metric in values:
                 scores.headline[task] = (metric, values[metric])
                 break
@@ -275,40 +283,97 @@ def summarise(results: dict[str, Any], tasks: list[str]) -> TaskScores:
 
 
 def evaluate_tasks(model: Transformer, tokenizer: Tokenizer, tasks: list[str], *,
-                   num_fewshot: int | None = None, limit: int | float | None = None, batch_size: int = 8,
-                   include_path: str | None = None,
+                   num_fewshot: int | dict[str, int] | None = None, limit: int | float | None = None,
+                   batch_size: int = 8, include_path: str | None = None,
                    device: torch.device | None = None, precision: str = "fp32", seed: int = 1234,
-                   manager=None, progress: bool = True) -> tuple[TaskScores, dict[str, Any]]:
-    """Run harness tasks on the in-memory model: (headline scores, the harness's full results)."""
+                   manager=None, progress: bool = True,
+                   metrics: dict[str, str] | None = None) -> tuple[TaskScores, dict[str, Any]]:
+    """Run harness tasks on the in-memory model: (headline scores, the harness's full results).
+    `num_fewshot` is one count for every task or one per task (a suite's shots: each count is
+    its own harness pass); `metrics` names a task's headline metric."""
     import lm_eval
 
     manager = manager or task_manager(tasks, include_path)
     lm = ScionLM(model, tokenizer, batch_size=batch_size, device=device, precision=precision,
                  progress=progress)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    passes: dict[int | None, list[str]] = defaultdict(list)
+    for task in tasks:
+        passes[num_fewshot.get(task, 0) if isinstance(num_fewshot, dict) else num_fewshot].append(task)
+    scores, full = TaskScores(), {}
     was_training = model.training
     try:
-        with _quiet(all_output=not progress):
-            results = lm_eval.simple_evaluate(
-                model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=manager,
-                log_samples=False, bootstrap_iters=1000, random_seed=seed, numpy_random_seed=seed,
-                torch_random_seed=seed, fewshot_random_seed=seed,
-            )
+        for shots, group in passes.items():
+            with _quiet(all_output=not progress), _data_errors(group, manager):
+                results = lm_eval.simple_evaluate(
+                    model=lm, tasks=group, num_fewshot=shots, limit=limit, task_manager=manager,
+                    log_samples=False, bootstrap_iters=1000, random_seed=seed, numpy_random_seed=seed,
+                    torch_random_seed=seed, fewshot_random_seed=seed,
+                )
+            if results is None:
+                raise ScionError("lm-evaluation-harness returned no results")
+            summarise(results, group, metrics, scores)
+            for key, value in results.items():  # one results record, as a single pass makes it
+                if isinstance(value, dict) and isinstance(full.get(key), dict):
+                    full[key].update(value)
+                else:
+                    full.setdefault(key, value)
     finally:
         model.train(was_training)
-    if results is None:
-        raise ScionError("lm-evaluation-harness returned no results")
-    return summarise(results, tasks), results
+    scores.headline = {t: scores.headline[t] for t in tasks if t in scores.headline}  # in the asked order
+    scores.metrics = {t: scores.metrics[t] for t in tasks if t in scores.metrics}
+    return scores, full
 
 
-def format_table(rows: list[dict[str, Any]], tasks: list[str]) -> str:
+@contextlib.contextmanager
+def _data_errors(tasks: list[str], manager):
+    """A task whose data set cannot be fetched (no network, no cached copy) is one line naming
+    the task and the data set, not the hub client's retries and traceback."""
+    try:
+        yield
+    except (OSError, ConnectionError) as e:
+        dataset = _unreachable_dataset(e)
+        if dataset is None:
+            raise
+        owners = [t for t in tasks if _dataset_of(t, manager) == dataset] or tasks
+        raise ScionError(
+            f"{', '.join(owners)}: cannot load the data set {dataset} from the Hugging Face hub (no network "
+            "here, and no cached copy); run the task once where the hub is reachable (lm-eval caches it), "
+            "or give a local copy of the task with --include-path") from None
+
+
+def _unreachable_dataset(e: BaseException | None) -> str | None:
+    """The hub data set named by a 'could not reach / not cached' error in the chain, if any."""
+    for _ in range(8):
+        if e is None:
+            return None
+        found = re.search(r"Couldn't reach '([^']+)' on the Hub", str(e)) or \
+            re.search(r"Dataset '?([^' ]+)'? is not cached", str(e))
+        if found:
+            return found.group(1)
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _dataset_of(task: str, manager) -> str | None:
+    entry = manager._entry(task) if hasattr(manager, "_entry") else None  # lm-eval's task index
+    cfg = getattr(entry, "cfg", None)
+    return cfg.get("dataset_path") if isinstance(cfg, dict) else None
+
+
+def format_table(rows: list[dict[str, Any]], tasks: list[str], shots: dict[str, int] | None = None) -> str:
     """A Markdown table in the style of TinyLlama's: one row per model or checkpoint, tasks as
-    columns (accuracies in percent), and their average."""
+    columns (accuracies in percent; few-shot counts named), and their average."""
     metrics = {}
     for row in rows:
         for task, head in row["scores"]["headline"].items():
             metrics.setdefault(task, head["metric"])
-    header = ["checkpoint", "tokens"] + [f"{t} ({metrics.get(t, '-')})" for t in tasks] + ["avg"]
+
+    def column(task: str) -> str:
+        n = (shots or {}).get(task, 0)
+        return f"{task} ({metrics.get(task, '-')}{f', {n}-shot' if n else ''})"
+
+    header = ["checkpoint", "tokens"] + [column(t) for t in tasks] + ["avg"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for row in rows:
         cells = [row["checkpoint"], _human(row.get("tokens"))]
@@ -336,8 +401,8 @@ def _human(tokens: int | None) -> str:
 
 class TrainingTasks(Callback):
     """The hook behind `train.eval_tasks`: a few harness tasks every `eval_tasks_every` steps,
-    logged beside the loss. Task names are checked when training starts, not at the first
-    evaluation. The global RNGs the harness reseeds are restored, so a run with evaluations
+    logged beside the loss. Task names and data are checked when training starts, not at the
+    first evaluation. The global RNGs the harness reseeds are restored, so a run with evaluations
     trains exactly as one without."""
 
     def __init__(self, tcfg, tokenizer: Tokenizer | None, device: torch.device, precision: str):
@@ -347,6 +412,15 @@ class TrainingTasks(Callback):
         self.batch_size = tcfg.micro_batch_size
         self.tokenizer, self.device, self.precision = tokenizer, device, precision
         self.manager = task_manager(self.tasks, tcfg.eval_tasks_include)
+        self._fetch_data()
+
+    def _fetch_data(self) -> None:
+        """Load the tasks' data sets now: a data set the machine cannot fetch stops the run before
+        its first step, not at the first evaluation hours in."""
+        from lm_eval.tasks import get_task_dict
+
+        with _quiet(all_output=True), _data_errors(self.tasks, self.manager):
+            get_task_dict(self.tasks, self.manager)
 
     def post_step(self, trainer, loss: float, grad_norm: float) -> None:
         if due(trainer, self.every):
