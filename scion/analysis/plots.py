@@ -1,9 +1,11 @@
-"""Figures of the lazy-layer analysis (matplotlib, Agg backend: files only, no display).
+"""Figures of the analyses and experiments (matplotlib, Agg backend: files only, no display).
 
 - heatmaps: attention matrices of chosen layers and heads on one sequence (Inheritune, Figure 1)
 - layers: k* and m* of every head by layer, lazy layers shaded
 - compare: several models by relative depth (Inheritune, Figure 9)
 - experiment: the Inheritune comparison's validation curves and layer sweep (Figure 11)
+- resume lesson: the loss around a resume with and without the optimizer state (DMaS)
+- lazy depth: lazy layers, k* and m* of the most degenerate and the deepest layer against depth
 """
 
 from __future__ import annotations
@@ -193,3 +195,64 @@ def plot_experiment(rows: list, out: Path) -> list[Path]:
         plt.close(fig)
         written.append(out / "sweep.png")
     return written
+
+
+def plot_resume_lesson(lesson, path: Path) -> Path:
+    """The DMaS lesson: training loss around the resume point for the uninterrupted run, the run
+    resumed with its optimizer state and the one resumed without it; and the latter's excess over
+    the uninterrupted run, with the step-to-step noise as a band."""
+    plt = pyplot()
+    start = max(1, lesson.stop_at - max(20, (lesson.max_steps - lesson.stop_at) // 4))
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4))
+    styles = {"uninterrupted": dict(color="black", lw=1.6),
+              "resumed": dict(color="tab:blue", lw=1.2, ls="--", label="resumed with the optimizer state"),
+              "reset": dict(color="tab:red", lw=1.2, label="resumed without it (--reset-optimizer)")}
+    for name, style in styles.items():
+        steps = sorted(s for s in lesson.losses[name] if s >= start)
+        ax.plot(steps, [lesson.losses[name][s] for s in steps], **{"label": name, **style})
+    for axis in (ax, bx):
+        axis.axvline(lesson.stop_at, color="grey", ls=":", lw=1)
+        axis.grid(alpha=0.3)
+        axis.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_title(f"stopped and resumed at step {lesson.stop_at}")
+    ax.legend(fontsize=8)
+    full, reset = lesson.losses["uninterrupted"], lesson.losses["reset"]
+    after = sorted(s for s in reset if s > lesson.stop_at and s in full)
+    bx.plot(after, [reset[s] - full[s] for s in after], color="tab:red", lw=1.2)
+    bx.axhspan(-lesson.noise, lesson.noise, color="grey", alpha=0.2, label="step-to-step noise (1 std)")
+    bx.annotate(f"spike +{lesson.spike:.3f}", (lesson.spike_step, lesson.spike), fontsize=8,
+                xytext=(8, -4), textcoords="offset points")
+    recovered = (f"back within the noise after {lesson.recovered_after} steps" if lesson.recovered_after
+                 else "not back within the noise by the end")
+    bx.set_title(f"loss without the optimizer state minus uninterrupted: {recovered}", fontsize=9)
+    bx.set_ylabel("loss difference")
+    bx.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_lazy_depth(rows, path: Path) -> Path:
+    """Lazy layers against depth (Figure 9's question): how many layers are lazy, and how close
+    the most degenerate layer and the deepest layer come to k* = 1 and m* = 1, per model."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    names = [r.name for r in rows]
+    x = np.arange(len(rows))
+    axes[0].bar(x, [r.lazy_layers for r in rows], color="tab:red", alpha=0.7, label="lazy layers")
+    axes[0].plot(x, [r.degenerate_head_share * r.layers for r in rows], "ko", ms=4,
+                 label="degenerate heads (in layers' worth)")
+    axes[0].set_title("lazy layers")
+    for ax, low, last, title in ((axes[1], "k_star_min", "k_star_last", "approximate rank k*"),
+                                 (axes[2], "m_star_min", "m_star_last", "column mass m*")):
+        ax.plot(x, [getattr(r, low) for r in rows], marker="o", label="lowest layer mean")
+        ax.plot(x, [getattr(r, last) for r in rows], marker="s", ls="--", label="deepest layer mean")
+        ax.axhline(1, color="tab:red", lw=1, ls=":", label="degenerate (1)")
+        ax.set_yscale("log")
+        ax.set_title(title)
+    for ax in axes:
+        ax.set_xticks(x)
+        ax.set_xticklabels([f"{n}\n({r.layers} layers)" for n, r in zip(names, rows, strict=True)], fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"lazy layers against depth ({rows[0].seq_len}-token sequences)", fontsize=10)
+    return _save(fig, path)

@@ -1,6 +1,11 @@
-"""scion experiment: reproducible paper experiments. `scion experiment inheritune` trains a
-reference, derives the target by Inheritune, trains every baseline at the same budget, and
-writes the table and plots."""
+"""scion experiment: reproducible paper experiments.
+
+    inheritune      trains a reference, derives the target by Inheritune, trains every baseline
+                    at the same budget, and writes the table and plots
+    resume-lesson   the DMaS lesson: a run resumed with and without its optimizer state, against
+                    the run that never stopped, with the loss spike measured and plotted
+    lazy-depth      models that differ only in depth, and the deepest one's Inheritune child,
+                    analysed for lazy layers (the paper's Figures 9 and 2c)"""
 
 from __future__ import annotations
 
@@ -9,7 +14,14 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from scion.cli.options import add_progress_flag, progress_choice, stopped_early
+from scion.cli.options import (
+    add_config_flags,
+    add_progress_flag,
+    base_parser,
+    parse_config,
+    progress_choice,
+    stopped_early,
+)
 from scion.errors import ScionError
 
 EXAMPLES = """
@@ -22,9 +34,35 @@ examples:
 
 Running the same command again continues: finished runs are skipped, stopped ones resume.
 Bundled configs (scion/experiments/configs/): cpu, cpu-small, gpt2-medium, gpt2-large, open-llama-3b.
+The other experiments have their own flags: scion experiment resume-lesson --help, lazy-depth --help.
 """
 
-EXPERIMENTS = ("inheritune",)
+DEPTH_EXAMPLES = """
+examples:
+  scion experiment lazy-depth                                  # 4 to 32 narrow layers (about an hour on 2 cores)
+  scion experiment lazy-depth --depths 2,4 --max-steps 100 --out runs/quick
+  scion experiment lazy-depth --model.d-model 128 --data corpus/ --no-child
+
+Every `scion pretrain` flag works and applies to every depth (--model.d-model, --max-steps, --lr,
+--data, ...). Running the same command again continues where it stopped.
+"""
+
+LESSON_EXAMPLES = """
+examples:
+  scion experiment resume-lesson                                  # the tiny preset, 300 steps, resumed at 150
+  scion experiment resume-lesson --max-steps 1000 --stop-at 400 --out runs/lesson
+  scion experiment resume-lesson --preset small --data corpus/ --lr 1e-3
+
+Every `scion pretrain` flag works (--preset, --config, --data, --lr, --max-steps, ...); the loss
+is logged every step and a checkpoint is kept at --stop-at.
+"""
+
+EXPERIMENTS = ("inheritune", "resume-lesson", "lazy-depth")
+
+# The depth study's model: narrow (so 32 layers train on a CPU) on the tiny preset's data.
+DEPTH_MODEL = {"d_model": 64, "n_head": 4, "n_kv_head": 2, "ffn_hidden": 176, "max_seq_len": 128}
+DEPTH_TRAIN = {"max_steps": 1200, "micro_batch_size": 16, "warmup_steps": 60, "lr": 3e-3, "min_lr": 3e-4,
+               "eval_every": 200, "sample_every": 400, "checkpoint_every": 200, "log_every": 50}
 
 
 def _int_list(text: str) -> list[int]:
@@ -35,6 +73,10 @@ def _int_list(text: str) -> list[int]:
 
 
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["resume-lesson"]:
+        return resume_lesson(argv[1:])
+    if argv[:1] == ["lazy-depth"]:
+        return lazy_depth(argv[1:])
     p = argparse.ArgumentParser(
         prog="scion experiment",
         description="Run a paper's experiment end to end." + EXAMPLES,
@@ -93,4 +135,54 @@ def main(argv: list[str]) -> int:
         f"\nresults: {out / 'results.md'}, {out / 'results.json'}; plots: {', '.join(map(str, plots))}",
         file=sys.stderr,
     )
+    return 0
+
+
+def resume_lesson(argv: list[str]) -> int:
+    p = base_parser("scion experiment resume-lesson",
+                    "The DMaS lesson: resuming without the optimizer state spikes the loss." + LESSON_EXAMPLES)
+    add_config_flags(p)
+    add_progress_flag(p)
+    p.add_argument("--out", default="runs/resume-lesson", help="folder for the three runs and the figure")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier lesson in --out")
+    p.add_argument("--stop-at", type=int, default=None, help="the step to stop and resume at (default: half way)")
+    args, cfg = parse_config(p, argv)
+
+    from scion.experiments.resume_lesson import RESULTS, run_lesson, summary_markdown
+
+    lesson = run_lesson(cfg, Path(args.out), args.stop_at, overwrite=args.overwrite, progress=progress_choice(args))
+    print(summary_markdown(lesson))
+    print(f"\nresults: {Path(args.out) / RESULTS}.{{json,md,png}}", file=sys.stderr)
+    return 0
+
+
+def lazy_depth(argv: list[str]) -> int:
+    p = base_parser("scion experiment lazy-depth",
+                    "Lazy layers against depth, and a deep model beside its Inheritune child." + DEPTH_EXAMPLES)
+    add_config_flags(p)
+    add_progress_flag(p)
+    p.add_argument("--out", default="runs/lazy-depth", help="folder for the runs, analyses and figures")
+    p.add_argument("--depths", type=_int_list, default=[4, 8, 16, 24, 32], metavar="N,N,...",
+                   help="layer counts to train (default 4,8,16,24,32)")
+    p.add_argument("--no-child", action="store_true", help="skip the deepest model's Inheritune child")
+    p.add_argument("--num-seqs", type=int, default=16, help="validation sequences analysed per model")
+    p.add_argument("--grad-batches", type=int, default=4, help="batches for the Q/K gradient norms")
+    base = None
+    pre, _ = p.parse_known_args(argv)
+    if not pre.preset and not pre.config:
+        from scion.config import preset
+
+        base = preset("tiny")
+        base.model = dataclasses.replace(base.model, **DEPTH_MODEL)
+        base.train = dataclasses.replace(base.train, **DEPTH_TRAIN)
+    args, cfg = parse_config(p, argv, base=base)
+
+    from scion.experiments.lazy_depth import RESULTS, StudySettings, results_markdown, run_study
+
+    settings = StudySettings(args.depths, child=not args.no_child, num_seqs=args.num_seqs,
+                             grad_batches=args.grad_batches)
+    rows = run_study(cfg, settings, Path(args.out), progress=progress_choice(args))
+    print(results_markdown(rows))
+    print(f"\nresults: {Path(args.out) / RESULTS}.{{json,md,png}}, {Path(args.out) / 'compare'}, "
+          f"{Path(args.out) / 'reference-child'}", file=sys.stderr)
     return 0
