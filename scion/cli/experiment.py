@@ -61,8 +61,8 @@ EXPERIMENTS = ("inheritune", "resume-lesson", "lazy-depth")
 
 # The depth study's model: narrow (so 32 layers train on a CPU) on the tiny preset's data.
 DEPTH_MODEL = {"d_model": 64, "n_head": 4, "n_kv_head": 2, "ffn_hidden": 176, "max_seq_len": 128}
-DEPTH_TRAIN = {"max_steps": 1200, "micro_batch_size": 16, "warmup_steps": 60, "lr": 3e-3, "min_lr": 3e-4,
-               "eval_every": 200, "sample_every": 400, "checkpoint_every": 200, "log_every": 50}
+DEPTH_TRAIN = {"max_steps": 800, "micro_batch_size": 8, "warmup_steps": 40, "lr": 3e-3, "min_lr": 3e-4,
+               "eval_every": 100, "sample_every": 400, "checkpoint_every": 100, "log_every": 50}
 
 
 def _int_list(text: str) -> list[int]:
@@ -162,8 +162,8 @@ def lazy_depth(argv: list[str]) -> int:
     add_config_flags(p)
     add_progress_flag(p)
     p.add_argument("--out", default="runs/lazy-depth", help="folder for the runs, analyses and figures")
-    p.add_argument("--depths", type=_int_list, default=[4, 8, 16, 24, 32], metavar="N,N,...",
-                   help="layer counts to train (default 4,8,16,24,32)")
+    p.add_argument("--depths", type=_int_list, default=[4, 8, 16, 32], metavar="N,N,...",
+                   help="layer counts to train (default 4,8,16,32)")
     p.add_argument("--no-child", action="store_true", help="skip the deepest model's Inheritune child")
     p.add_argument("--num-seqs", type=int, default=16, help="validation sequences analysed per model")
     p.add_argument("--grad-batches", type=int, default=4, help="batches for the Q/K gradient norms")
