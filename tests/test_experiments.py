@@ -54,10 +54,9 @@ def test_resume_lesson_refuses_a_stop_outside_the_run(run_scion, tmp_path):
 
 def test_lazy_depth_analyses_each_depth_and_the_child_and_continues(run_scion, corpus, tmp_path):
     out = tmp_path / "depth"
-    args = ["experiment", "lazy-depth", "--data", corpus, *TINY_ARGS, "--data.val-fraction", "0.2", "--depths", "1,2",
-            "--max-steps", "4",
-            "--checkpoint-every", "4", "--num-seqs", "2", "--grad-batches", "1", "--out", out,
-            "--progress", "lines"]
+    args = ["experiment", "lazy-depth", "--data", corpus, *TINY_ARGS, "--data.val-fraction", "0.2",
+            "--depths", "1", "2", "--max-steps", "4", "--checkpoint-every", "4", "--num-seqs", "2",
+            "--grad-batches", "1", "--out", out, "--progress", "lines"]
     proc = run_scion(*args)
     rows = json.loads((out / "lazy-depth.json").read_text())
     assert [(r["name"], r["layers"], r["steps"]) for r in rows] == [("L1", 1, 4), ("L2", 2, 4), ("child", 1, 4)]

@@ -225,6 +225,8 @@ def plot_resume_lesson(lesson, path: Path) -> Path:
                 xytext=(8, -4), textcoords="offset points")
     recovered = (f"back within the noise after {lesson.recovered_after} steps" if lesson.recovered_after
                  else "not back within the noise by the end")
+    bx.axhline(lesson.excess_end, color="tab:red", ls="--", lw=0.8,
+               label=f"over the last tenth: {lesson.excess_end:+.3f}")
     bx.set_title(f"loss without the optimizer state minus uninterrupted: {recovered}", fontsize=9)
     bx.set_ylabel("loss difference")
     bx.legend(fontsize=8)

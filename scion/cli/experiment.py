@@ -18,7 +18,7 @@ from scion.cli.options import (
     add_config_flags,
     add_progress_flag,
     base_parser,
-    parse_config,
+    parse_recipe,
     progress_choice,
     stopped_early,
 )
@@ -40,7 +40,7 @@ The other experiments have their own flags: scion experiment resume-lesson --hel
 DEPTH_EXAMPLES = """
 examples:
   scion experiment lazy-depth                                  # 4 to 32 narrow layers (about an hour on 2 cores)
-  scion experiment lazy-depth --depths 2,4 --max-steps 100 --out runs/quick
+  scion experiment lazy-depth --depths 2 4 --max-steps 100 --out runs/quick
   scion experiment lazy-depth --model.d-model 128 --data corpus/ --no-child
 
 Every `scion pretrain` flag works and applies to every depth (--model.d-model, --max-steps, --lr,
@@ -59,10 +59,6 @@ is logged every step and a checkpoint is kept at --stop-at.
 
 EXPERIMENTS = ("inheritune", "resume-lesson", "lazy-depth")
 
-# The depth study's model: narrow (so 32 layers train on a CPU) on the tiny preset's data.
-DEPTH_MODEL = {"d_model": 64, "n_head": 4, "n_kv_head": 2, "ffn_hidden": 176, "max_seq_len": 128}
-DEPTH_TRAIN = {"max_steps": 800, "micro_batch_size": 8, "warmup_steps": 40, "lr": 3e-3, "min_lr": 3e-4,
-               "eval_every": 100, "sample_every": 400, "checkpoint_every": 100, "log_every": 50}
 
 
 def _int_list(text: str) -> list[int]:
@@ -138,49 +134,38 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def resume_lesson(argv: list[str]) -> int:
-    p = base_parser("scion experiment resume-lesson",
-                    "The DMaS lesson: resuming without the optimizer state spikes the loss." + LESSON_EXAMPLES)
+def _experiment_parser(name: str, description: str, examples: str):
+    """The flags every experiment but the Inheritune comparison shares: the config overrides,
+    --out and --progress; its own come from its settings dataclass."""
+    p = base_parser(f"scion experiment {name}", description + examples)
     add_config_flags(p)
     add_progress_flag(p)
-    p.add_argument("--out", default="runs/resume-lesson", help="folder for the three runs and the figure")
+    p.add_argument("--out", default=f"runs/{name}", help=f"folder for the runs and results (default runs/{name})")
+    return p
+
+
+def resume_lesson(argv: list[str]) -> int:
+    from scion.experiments.resume_lesson import RESULTS, LessonSettings, run_lesson, summary_markdown
+
+    p = _experiment_parser("resume-lesson", "The DMaS lesson: resuming without the optimizer state spikes "
+                           "the loss.", LESSON_EXAMPLES)
     p.add_argument("--overwrite", action="store_true", help="replace an earlier lesson in --out")
-    p.add_argument("--stop-at", type=int, default=None, help="the step to stop and resume at (default: half way)")
-    args, cfg = parse_config(p, argv)
-
-    from scion.experiments.resume_lesson import RESULTS, run_lesson, summary_markdown
-
-    lesson = run_lesson(cfg, Path(args.out), args.stop_at, overwrite=args.overwrite, progress=progress_choice(args))
+    args, cfg, settings = parse_recipe(p, argv, LessonSettings())
+    lesson = run_lesson(cfg, Path(args.out), settings.stop_at, overwrite=args.overwrite,
+                        progress=progress_choice(args))
     print(summary_markdown(lesson))
     print(f"\nresults: {Path(args.out) / RESULTS}.{{json,md,png}}", file=sys.stderr)
     return 0
 
 
 def lazy_depth(argv: list[str]) -> int:
-    p = base_parser("scion experiment lazy-depth",
-                    "Lazy layers against depth, and a deep model beside its Inheritune child." + DEPTH_EXAMPLES)
-    add_config_flags(p)
-    add_progress_flag(p)
-    p.add_argument("--out", default="runs/lazy-depth", help="folder for the runs, analyses and figures")
-    p.add_argument("--depths", type=_int_list, default=[4, 8, 16, 32], metavar="N,N,...",
-                   help="layer counts to train (default 4,8,16,32)")
-    p.add_argument("--no-child", action="store_true", help="skip the deepest model's Inheritune child")
-    p.add_argument("--num-seqs", type=int, default=16, help="validation sequences analysed per model")
-    p.add_argument("--grad-batches", type=int, default=4, help="batches for the Q/K gradient norms")
-    base = None
+    from scion.experiments.lazy_depth import RESULTS, StudySettings, results_markdown, run_study, study_config
+
+    p = _experiment_parser("lazy-depth", "Lazy layers against depth, and a deep model beside its Inheritune "
+                           "child.", DEPTH_EXAMPLES)
     pre, _ = p.parse_known_args(argv)
-    if not pre.preset and not pre.config:
-        from scion.config import preset
-
-        base = preset("tiny")
-        base.model = dataclasses.replace(base.model, **DEPTH_MODEL)
-        base.train = dataclasses.replace(base.train, **DEPTH_TRAIN)
-    args, cfg = parse_config(p, argv, base=base)
-
-    from scion.experiments.lazy_depth import RESULTS, StudySettings, results_markdown, run_study
-
-    settings = StudySettings(args.depths, child=not args.no_child, num_seqs=args.num_seqs,
-                             grad_batches=args.grad_batches)
+    base = None if pre.preset or pre.config else study_config()
+    args, cfg, settings = parse_recipe(p, argv, StudySettings(), base=base)
     rows = run_study(cfg, settings, Path(args.out), progress=progress_choice(args))
     print(results_markdown(rows))
     print(f"\nresults: {Path(args.out) / RESULTS}.{{json,md,png}}, {Path(args.out) / 'compare'}, "

@@ -417,10 +417,13 @@ class TrainingTasks(Callback):
     def _fetch_data(self) -> None:
         """Load the tasks' data sets now: a data set the machine cannot fetch stops the run before
         its first step, not at the first evaluation hours in."""
-        from lm_eval.tasks import get_task_dict
-
         with _quiet(all_output=True), _data_errors(self.tasks, self.manager):
-            get_task_dict(self.tasks, self.manager)
+            if hasattr(self.manager, "load"):  # newer lm-eval; get_task_dict is deprecated there
+                self.manager.load(self.tasks)
+            else:
+                from lm_eval.tasks import get_task_dict
+
+                get_task_dict(self.tasks, self.manager)
 
     def post_step(self, trainer, loss: float, grad_norm: float) -> None:
         if due(trainer, self.every):

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from scion import checkpoint as ckpt
-from scion.config import RunConfig
+from scion.config import RunConfig, preset
 from scion.errors import ScionError
 from scion.pretrain import pretrain
 from scion.pretrain.steps import log
@@ -35,12 +35,32 @@ from scion.run import is_run, load_config
 RESULTS = "lazy-depth"
 
 
+# The study's model and schedule unless a preset or config is named: narrow, so that 32 layers
+# train on a CPU, on the tiny preset's data (about half an hour for 4 to 32 layers on two cores).
+STUDY_MODEL = {"d_model": 64, "n_head": 4, "n_kv_head": 2, "ffn_hidden": 176, "max_seq_len": 128}
+STUDY_TRAIN = {"max_steps": 800, "micro_batch_size": 8, "warmup_steps": 40, "lr": 3e-3, "min_lr": 3e-4,
+               "eval_every": 100, "sample_every": 400, "checkpoint_every": 100, "log_every": 50}
+
+
+def study_config() -> RunConfig:
+    cfg = preset("tiny")
+    cfg.model = dataclasses.replace(cfg.model, **STUDY_MODEL)
+    cfg.train = dataclasses.replace(cfg.train, **STUDY_TRAIN)
+    return cfg
+
+
 @dataclass
 class StudySettings:
-    depths: list[int]
-    child: bool = True  # also the deepest model's Inheritune child (half its depth)
-    num_seqs: int = 16  # validation sequences analysed per model
-    grad_batches: int = 4  # batches for the Q/K gradient norms
+    """`scion experiment lazy-depth`'s own flags."""
+
+    # layer counts to train, each a model of its own
+    depths: list[int] = field(default_factory=lambda: [4, 8, 16, 32])
+    # also train the deepest model's Inheritune child (its first half of the blocks)
+    child: bool = True
+    # validation sequences analysed per model
+    num_seqs: int = 16
+    # batches for the query/key gradient norms per layer
+    grad_batches: int = 4
 
 
 @dataclass

@@ -38,6 +38,14 @@ RUNS = ("uninterrupted", "resumed", "reset")
 
 
 @dataclass
+class LessonSettings:
+    """`scion experiment resume-lesson`'s own flags."""
+
+    # the step to stop and resume at (None: half way)
+    stop_at: int | None = None
+
+
+@dataclass
 class Lesson:
     stop_at: int
     max_steps: int
@@ -46,6 +54,8 @@ class Lesson:
     spike: float  # the reset run's highest loss above the uninterrupted run's, after the resume
     spike_step: int
     recovered_after: int | None  # steps until the reset run stays within `noise` of it; None: never
+    excess_mean: float  # the reset run's mean loss above the uninterrupted run's, after the resume
+    excess_end: float  # ... over the last tenth of the run (at least 10 steps): what is never made up
     resumed_gap: float  # the largest |resumed - uninterrupted| loss after the resume (0: exact)
 
     def to_dict(self) -> dict:
@@ -130,7 +140,9 @@ def measure(losses: dict[str, dict[int, float]], stop: int, max_steps: int, wind
             recovered = s - stop
             break
     gap = max((abs(resumed[s] - full[s]) for s in after if s in resumed), default=float("nan"))
-    return Lesson(stop, max_steps, losses, noise, excess[spike_step], spike_step, recovered, gap)
+    tail = after[-max(10, len(after) // 10):]
+    return Lesson(stop, max_steps, losses, noise, excess[spike_step], spike_step, recovered,
+                  sum(excess.values()) / len(excess), sum(excess[s] for s in tail) / len(tail), gap)
 
 
 def write_results(lesson: Lesson, out: Path) -> list[Path]:
@@ -153,5 +165,7 @@ def summary_markdown(lesson: Lesson) -> str:
         f"| the uninterrupted run's step-to-step noise (std) | {lesson.noise:.4f} |",
         f"| spike / noise | {lesson.spike / lesson.noise:.1f}x |" if lesson.noise > 0 else "| spike / noise | - |",
         f"| steps until back within the noise | {recovered} |",
+        f"| mean loss above the uninterrupted run after the resume | {lesson.excess_mean:+.4f} |",
+        f"| ... over the last tenth of the run | {lesson.excess_end:+.4f} |",
         f"| resumed with the optimizer state: matches the uninterrupted run | {exact} |",
     ])
