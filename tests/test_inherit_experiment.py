@@ -67,6 +67,31 @@ def test_results_table_has_a_row_per_run_and_the_difference_to_the_reference():
     assert body[1].endswith("| 4.9000 | -0.1000 |") and body[2].endswith("| 5.2500 | +0.2500 |")
 
 
+def test_an_undertrained_reference_is_flagged_above_the_table():
+    from scion.experiments import precondition_warning
+
+    def rows(reference: float, random: float, random_2x: float | None):
+        made = [Row("reference", "reference", "random", 8, 2_000_000, 400, 4000, reference, [], "r"),
+                Row("random", "scratch", "random", 4, 1_000_000, 400, 4000, random, [], "a"),
+                Row("inheritune", "inheritune", "first 4", 4, 1_000_000, 400, 4000, reference - 0.3, [], "b")]
+        if random_2x is not None:
+            made.append(Row("random-2x", "scratch", "random", 4, 1_000_000, 800, 8000, random_2x, [], "c"))
+        return made
+
+    # the CPU run of docs/inheritune.md: the 12-layer reference loses to 6-layer scratch at 2T
+    short = rows(4.7976, 4.6634, 4.2885)
+    warning = precondition_warning(short)
+    assert warning.startswith("WARNING: the reference is undertrained") and "4.7976" in warning
+    assert "4.2885" in warning and "800 steps" in warning
+    assert results_markdown(short, 400).splitlines()[0] == f"**{warning}**"
+    # a trained reference (the paper's GPT-2 medium: 2.819 against 2.869 at T and 2.831 at 2T)
+    trained = rows(2.819, 2.869, 2.831)
+    assert precondition_warning(trained) is None
+    assert results_markdown(trained, 400).startswith("T = 400 steps")
+    assert "random-2x was not run" in precondition_warning(rows(2.819, 2.869, None))
+    assert "undertrained" in precondition_warning(rows(4.9, 4.6, None))
+
+
 @pytest.mark.slow
 def test_tiny_experiment_end_to_end(run_scion, corpus, tmp_path):
     cfg = tmp_path / "exp.yaml"

@@ -94,7 +94,7 @@ def main(argv: list[str]) -> int:
     add_progress_flag(p)
     args = p.parse_args(argv)
 
-    from scion.experiments import Experiment, load_experiment_config, results_markdown
+    from scion.experiments import Experiment, load_experiment_config, precondition_warning, results_markdown
     from scion.inherit.runs import Stopped
 
     cfg = load_experiment_config(args.config)
@@ -127,6 +127,9 @@ def main(argv: list[str]) -> int:
         raise ScionError("the experiment trained nothing; check --recipes")
     plots = experiment.plot()
     print(results_markdown(rows, experiment.T))
+    warning = precondition_warning(rows)
+    if warning:
+        print(f"\n{warning}", file=sys.stderr)
     print(
         f"\nresults: {out / 'results.md'}, {out / 'results.json'}; plots: {', '.join(map(str, plots))}",
         file=sys.stderr,
