@@ -123,6 +123,64 @@ def test_inherit_gpt2_style_takes_position_embedding_and_tied_head():
         inherit(ref, InheritSpec(lm_head=False), seed=0)
 
 
+@pytest.mark.parametrize("blocks, layers, expected", [
+    ("first", 3, [0, 1, 2]),
+    ("last", 3, [3, 4, 5]),
+    ("spaced", 3, [0, 2, 5]),  # round(i * 5 / 2): 0, 2.5 -> 2, 5
+    ("spaced", 1, [0]),
+    ("4,0,2", None, [4, 0, 2]),  # a list: its length is the depth, its order the target's
+])
+def test_inherit_takes_the_blocks_asked_for_bit_for_bit(blocks, layers, expected):
+    ref = trained_like(LLAMA)  # 6 layers
+    spec = InheritSpec(layers=layers, blocks=blocks)
+    assert spec.block_indices(6) == expected
+    target = inherit(ref, spec, seed=0)
+    assert target.cfg.n_layer == len(expected)
+    for i, source in enumerate(expected):
+        assert_same(dict(target.blocks[i].state_dict()), dict(ref.blocks[source].state_dict()))
+
+
+@pytest.mark.parametrize("blocks, layers, message", [
+    ("0,9", None, "between 0 and 5"),
+    ("1,1", None, "each block once"),
+    ("0,1,2", 2, "lists 3 blocks but --layers is 2"),
+    ("some", None, "use first, last, spaced, healthy"),
+])
+def test_inherit_refuses_a_bad_block_choice(blocks, layers, message):
+    with pytest.raises(ScionError, match=message):
+        inherit(trained_like(LLAMA), InheritSpec(layers=layers, blocks=blocks), seed=0)
+
+
+def test_healthy_blocks_skip_the_ones_scion_lazy_marks_lazy(tmp_path):
+    from scion.inherit.recipe import resolve_blocks
+    from scion.inherit.runs import Reference
+
+    ref = trained_like(LLAMA)
+    run = tmp_path / "ref"
+    (run / "lazy").mkdir(parents=True)
+    lazy = {1, 3}
+    report = {"layers": [{"layer": i, "lazy": i in lazy} for i in range(6)]}
+    (run / "lazy" / "lazy.json").write_text(json.dumps(report))
+    reference = Reference(ref, None, RunConfig(model=ref.cfg), str(run), None, None)
+    spec = resolve_blocks(InheritSpec(layers=3, blocks="healthy"), reference)
+    assert spec.blocks == "0,2,4" and spec.block_indices(6) == [0, 2, 4]
+    target = inherit(ref, spec, seed=0)
+    for i, source in enumerate([0, 2, 4]):
+        assert_same(dict(target.blocks[i].state_dict()), dict(ref.blocks[source].state_dict()))
+    with pytest.raises(ScionError, match="only 4 of the reference's 6 blocks are not lazy"):
+        resolve_blocks(InheritSpec(layers=5, blocks="healthy"), reference)
+    (run / "lazy" / "lazy.json").unlink()
+    with pytest.raises(ScionError, match="needs its lazy-layer report; run `scion lazy"):
+        resolve_blocks(InheritSpec(layers=3, blocks="healthy"), reference)
+
+
+def test_growth_starts_from_the_first_blocks_only():
+    from scion.inherit.grow import GrowSettings
+
+    with pytest.raises(ScionError, match="growth appends the reference's next blocks"):
+        GrowSettings(reference="r", spec=InheritSpec(layers=2, blocks="last")).validate(6)
+
+
 def test_inherit_rejects_bad_layer_counts():
     ref = trained_like(LLAMA)
     for n in (0, 7):

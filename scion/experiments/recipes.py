@@ -11,6 +11,8 @@ own, then T). Weights a recipe does not take from somewhere are initialised from
     reference         k           random                                            R (default T)
     inheritune        n -> ...    reference blocks [0, n) (+ embed, final norm, head), grown by
                                   the reference's next blocks until its val loss  T per round
+    inheritune-last   n           reference blocks [k - n, k) (+ embed, final norm, head); the
+                                  paper's explanation tested: are the first blocks the ones to take? T
     random            n           random                                            T
     random-2x         n           random                                            2T
     random-ref        k           random (the reference's size; skipped when the reference was
@@ -140,6 +142,15 @@ def run_inheritune(exp: Experiment, ref: Transformer, n: int, target_cfg: ModelC
             )
         )
     exp.write_results()
+
+
+@recipe("inheritune-last", "inheritune", "last n reference blocks")
+def run_inheritune_last(exp: Experiment, ref: Transformer, n: int, target_cfg: ModelConfig) -> None:
+    spec = InheritSpec(layers=n, blocks="last")
+    t = exp.train("inheritune-last", target_cfg, exp.T, lambda: inherit(ref, spec, exp.seed, target_cfg),
+                  "inheritune", extra={"spec": asdict(spec)})
+    exp.add_row("inheritune-last", t, [(exp.out / "inheritune-last", 0)],
+                init=f"reference blocks {ref.cfg.n_layer - n}-{ref.cfg.n_layer - 1}")
 
 
 @recipe("random", "scratch", "random init, target size")

@@ -64,6 +64,9 @@ class GrowSettings:
     def validate(self, reference_depth: int) -> None:
         if self.step <= 0:
             raise ScionError(f"--grow-step must be positive, got {self.step}")
+        if self.spec.blocks != "first":
+            raise ScionError(f"--blocks {self.spec.blocks}: growth appends the reference's next blocks, so it "
+                             "starts from its first ones; drop --blocks")
         n0 = self.spec.resolve_layers(reference_depth)
         top = self.max_layers or reference_depth
         if not n0 <= top <= reference_depth:

@@ -39,8 +39,11 @@ class InheritSpec:
     """What the target takes from the reference. The defaults inherit everything; the paper's
     released code left `embed` and `final_norm` random for LLaMA models (a choice here)."""
 
-    # blocks to take (None: half the reference's depth, at least one)
+    # blocks to take (None: half the reference's depth, at least one; with a list of --blocks, its length)
     layers: int | None = None
+    # which reference blocks, in order: first (the paper), last, spaced (evenly, first and last
+    # included), a list such as 0,2,5, or healthy (the first non-lazy blocks of `scion lazy REF`)
+    blocks: str = "first"
     # the reference's token embedding (and GPT-2's learned position embedding); no: a fresh one
     embed: bool = True
     # the reference's final norm; no: a fresh one
@@ -58,18 +61,53 @@ class InheritSpec:
         return [attr for part, attrs in BLOCK_PARTS.items() if getattr(self, part) for attr in attrs]
 
     def resolve_layers(self, reference_depth: int) -> int:
-        n = self.layers if self.layers is not None else max(1, reference_depth // 2)
+        listed = self.listed_blocks()
+        n = self.layers if self.layers is not None else (len(listed) if listed else max(1, reference_depth // 2))
         if not 1 <= n <= reference_depth:
             raise ScionError(
                 f"--layers must be between 1 and the reference's depth ({reference_depth}), got {n}"
             )
         return n
 
+    def listed_blocks(self) -> list[int] | None:
+        """The explicit block list of `--blocks 0,2,5`, or None for a named choice."""
+        if self.blocks in BLOCK_CHOICES:
+            return None
+        try:
+            return [int(b) for b in self.blocks.split(",") if b.strip()]
+        except ValueError:
+            raise ScionError(f"--blocks {self.blocks!r}: use {', '.join(BLOCK_CHOICES)} or block numbers "
+                             "such as 0,2,5") from None
+
+    def block_indices(self, reference_depth: int) -> list[int]:
+        """The reference blocks the target's blocks come from, target block i from the i-th."""
+        n, k = self.resolve_layers(reference_depth), reference_depth
+        if self.blocks == "first":
+            return list(range(n))
+        if self.blocks == "last":
+            return list(range(k - n, k))
+        if self.blocks == "spaced":  # evenly over the depth, both ends included
+            return [0] if n == 1 else [round(i * (k - 1) / (n - 1)) for i in range(n)]
+        if self.blocks == "healthy":
+            raise ScionError("--blocks healthy is resolved against the reference's lazy-layer report "
+                             "(scion.inherit.recipe.resolve_blocks) before the blocks are copied")
+        listed = self.listed_blocks()
+        if len(listed) != n:
+            raise ScionError(f"--blocks lists {len(listed)} blocks but --layers is {n}")
+        bad = [b for b in listed if not 0 <= b < k]
+        if bad or len(set(listed)) != len(listed):
+            raise ScionError(f"--blocks {self.blocks}: each block once, between 0 and {k - 1} "
+                             f"(the reference has {k})")
+        return listed
+
     def describe(self) -> str:
         taken = [
             name for name in ("embed", "final_norm", "lm_head", "attn", "mlp", "norms") if getattr(self, name)
         ]
         return "+".join(taken) if taken else "nothing"
+
+
+BLOCK_CHOICES = ("first", "last", "spaced", "healthy")
 
 
 def with_depth(cfg: ModelConfig, n_layer: int, name: str | None = None) -> ModelConfig:
@@ -129,7 +167,8 @@ def inherit(
     reference: Transformer, spec: InheritSpec, seed: int, cfg: ModelConfig | None = None
 ) -> Transformer:
     """The Inheritune target: a fresh model of `spec.layers` blocks whose chosen parts are the
-    reference's (its first blocks, in order); everything not chosen keeps its fresh init."""
+    reference's blocks `spec.block_indices` names (its first ones, in the paper), in that
+    order; everything not chosen keeps its fresh init."""
     n = spec.resolve_layers(reference.cfg.n_layer)
     cfg = cfg or with_depth(reference.cfg, n, f"{reference.cfg.name}-inherit{n}")
     if cfg.n_layer != n:
@@ -138,8 +177,8 @@ def inherit(
     target = fresh(cfg, seed, reference.embed.weight.device)
     _copy_outer(target, reference, spec.embed, spec.final_norm, spec.lm_head)
     parts = spec.block_parts()
-    for i in range(n):
-        _copy_block(target.blocks[i], reference.blocks[i], parts)
+    for i, source in enumerate(spec.block_indices(reference.cfg.n_layer)):
+        _copy_block(target.blocks[i], reference.blocks[source], parts)
     return target
 
 

@@ -5,6 +5,7 @@ reference's data order as a resumable scion run whose inherit.json records where
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 from scion.config import ModelConfig, RunConfig
@@ -40,6 +41,37 @@ def check_architecture(model: ModelConfig, expected: ModelConfig) -> None:
         raise ScionError(f"{flags}: the architecture comes from the reference; drop these overrides")
 
 
+def resolve_blocks(spec: InheritSpec, reference: Reference) -> InheritSpec:
+    """`--blocks healthy` made explicit: the first n blocks of the reference that its lazy-layer
+    report (`scion lazy REF`, in REF/lazy/lazy.json) does not mark lazy, in order. The paper's
+    reading is that lazy layers (every head's attention rank one or on one column) transfer
+    little, so skipping them keeps the blocks whose attention works, in their order, and lets
+    first-n be tested against it. Other choices come back unchanged."""
+    if spec.blocks != "healthy":
+        return spec
+    k = reference.config.model.n_layer
+    n = spec.resolve_layers(k)
+    folders = [Path(reference.source)]
+    if reference.checkpoint:
+        folders.append(Path(reference.checkpoint).parent.parent)  # RUN/checkpoints/step-...: RUN
+    report_file = next((f / "lazy" / "lazy.json" for f in folders if (f / "lazy" / "lazy.json").is_file()), None)
+    if report_file is None:
+        raise ScionError(f"{reference.source}: --blocks healthy needs its lazy-layer report; run "
+                         f"`scion lazy {reference.source} --out {Path(reference.source) / 'lazy'}` first")
+    try:
+        layers = json.loads(report_file.read_text())["layers"]
+        lazy = {int(layer["layer"]) for layer in layers if layer["lazy"]}
+    except (ValueError, KeyError, TypeError) as e:
+        raise ScionError(f"{report_file}: not a scion lazy report ({e}); run scion lazy again") from None
+    if len(layers) != k:
+        raise ScionError(f"{report_file}: describes {len(layers)} layers, the reference has {k}; run scion lazy again")
+    healthy = [b for b in range(k) if b not in lazy]
+    if len(healthy) < n:
+        raise ScionError(f"{report_file}: only {len(healthy)} of the reference's {k} blocks are not lazy; "
+                         f"ask for at most --layers {len(healthy)}")
+    return dataclasses.replace(spec, layers=n, blocks=",".join(map(str, healthy[:n])))
+
+
 def saved_run(run_dir: Path) -> tuple[RunConfig, InheritSpec, dict]:
     """An Inheritune run to resume: its settings, its spec and its inherit.json."""
     if not is_run(run_dir):
@@ -63,11 +95,12 @@ def inheritune(cfg: RunConfig, out: Path, reference: Reference | None, spec: Inh
     else:
         target = target_config(reference, spec)
         check_architecture(cfg.model, target.model)
-        spec = dataclasses.replace(spec, layers=target.model.n_layer)
+        spec = resolve_blocks(dataclasses.replace(spec, layers=target.model.n_layer), reference)
+        k = reference.config.model.n_layer
         provenance = inheritune_provenance(
             reference, spec, spec.layers,
-            blocks=list(range(spec.layers)) if (spec.attn or spec.mlp or spec.norms) else [],
-            reference_layers=reference.config.model.n_layer,
+            blocks=spec.block_indices(k) if (spec.attn or spec.mlp or spec.norms) else [],
+            reference_layers=k,
         )
     env = setup(cfg)
     if reference is not None:
