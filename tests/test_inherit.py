@@ -174,6 +174,57 @@ def test_healthy_blocks_skip_the_ones_scion_lazy_marks_lazy(tmp_path):
         resolve_blocks(InheritSpec(layers=3, blocks="healthy"), reference)
 
 
+@pytest.mark.parametrize("mode", ["restart", "continue"])
+def test_growth_rounds_start_as_their_mode_says(reference_run, corpus, tmp_path, monkeypatch, mode):
+    """restart (the paper): round r is the reference's first n + step(r-1) blocks afresh, from step
+    0 of a new schedule and the start of the data; continue: round r is round r-1's trained model
+    with the reference's next blocks appended, on the next data."""
+    import scion.inherit.grow as growth
+    from scion.inherit.grow import GrowSettings, run_grow
+    from scion.inherit.runs import load_reference
+
+    starts = []  # per round: (initial weights, depth, provenance, steps trained, trained weights)
+    real = growth.train_run
+
+    def copy_state(model):
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def recording(cfg, run_dir, init, *args, **kwargs):
+        made = {}
+
+        def snapshot():
+            model = init()
+            made["start"], made["depth"] = copy_state(model), model.cfg.n_layer
+            return model
+
+        trainer = real(cfg, run_dir, snapshot, *args, **kwargs)
+        starts.append((made["start"], made["depth"], kwargs["provenance"], trainer.state.step,
+                       copy_state(trainer.model)))
+        return trainer
+
+    monkeypatch.setattr(growth, "train_run", recording)
+    settings = GrowSettings(reference=str(reference_run), spec=InheritSpec(layers=1), step=1, mode=mode,
+                            until="depth")
+    rows = run_grow(tmp_path / "g", settings, tiny_cfg(corpus, 3, 4), progress=False)
+    assert [r.layers for r in rows] == [1, 2, 3] and all(r.steps == 4 for r in rows)
+    ref = load_reference(str(reference_run)).model
+    reference = ref.state_dict()
+    for r, (start, depth, provenance, steps, _) in enumerate(starts, start=1):
+        assert depth == r and steps == 4  # each round: its own run, T steps from step 0
+        if mode == "restart" or r == 1:
+            for key in start:  # the reference's first r blocks, embedding, final norm and head
+                assert torch.equal(start[key], reference[key]), key
+            assert provenance["blocks_from_reference"] == list(range(r))
+            assert provenance["data_offset_samples"] == 0
+        else:
+            for key, value in starts[r - 2][4].items():  # every weight of the previous round, as trained
+                assert torch.equal(start[key], value), key
+            for key in (k for k in start if k.startswith(f"blocks.{r - 1}.")):  # + the next reference block
+                assert torch.equal(start[key], reference[key]), key
+            assert provenance["blocks_from_reference"] == [r - 1] and provenance["data_offset_samples"] > 0
+        assert provenance["mode"] == mode
+
+
 def test_growth_starts_from_the_first_blocks_only():
     from scion.inherit.grow import GrowSettings
 

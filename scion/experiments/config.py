@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -38,6 +38,9 @@ class ExperimentSettings:
     target_layers: int | None = None  # n; None: half the reference's depth
     grow: bool = True  # run Algorithm 1 past round 1
     grow_step: int = 2
+    # restart: every round afresh from the reference's first blocks (the paper); continue: grow
+    # the trained model (scion's extension)
+    grow_mode: Literal["continue", "restart"] = "continue"
     recipes: list[str] = field(default_factory=lambda: list(DEFAULT_RECIPES))
     stacking_stage_steps: int | None = None  # first-stage steps of `stacking`; None: T // 2
     sweep_layers: list[int] = field(default_factory=list)  # Figure 11: val loss against n
@@ -64,6 +67,8 @@ class ExperimentConfig:
                 raise ScionError(f"experiment.{name} must be positive")
         if e.grow_step <= 0:
             raise ScionError("experiment.grow_step must be positive")
+        if e.grow_mode not in ("continue", "restart"):
+            raise ScionError(f"experiment.grow_mode must be continue or restart, got {e.grow_mode!r}")
 
 
 def load_experiment_config(source: str | None) -> ExperimentConfig:

@@ -99,6 +99,7 @@ def run_inheritune(exp: Experiment, ref: Transformer, n: int, target_cfg: ModelC
         reference=str(exp.ref_source),
         spec=InheritSpec(layers=n),
         step=e.grow_step,
+        mode=e.grow_mode,
         max_layers=None if e.grow else n,
     )
     cfg = dataclasses.replace(exp.cfg.run, model=ref.cfg)

@@ -2,7 +2,9 @@
 
     OUT/grow.json          the settings (reference, spec, growth step, data order, run config)
     OUT/round-1/           a scion run: the first n blocks of the reference, trained T steps
-    OUT/round-2/           round 1's trained model + the reference's next blocks, trained T steps
+    OUT/round-2/           --mode continue: round 1's trained model + the reference's next blocks;
+                           --mode restart (the paper): the reference's first n + step blocks
+                           afresh, a new schedule, the data from its start; trained T steps
     ...
     OUT/summary.json|.md   one row per round: layers, parameters, steps, tokens, val loss,
                            and the reference's val loss on the same validation batches
@@ -56,7 +58,11 @@ class GrowSettings:
     step: Annotated[int, tyro.conf.arg(name="grow-step")] = 2
     # stop growing at this depth (None: the reference's depth)
     max_layers: int | None = None
-    # each round trains on the next T steps of data (continue) or the same T steps (repeat)
+    # restart: each round starts afresh from the reference's first n blocks, with a new schedule
+    # and the data from its start (the paper's protocol); continue: each round appends the next
+    # blocks to the previous round's trained model (scion's extension)
+    mode: Literal["continue", "restart"] = "continue"
+    # with --mode continue: each round trains on the next T steps of data (continue) or the same (repeat)
     data_order: Literal["continue", "repeat"] = "continue"
     # stop at the reference's val loss (parity, the paper), or only at --max-layers (depth)
     until: Literal["parity", "depth"] = "parity"
@@ -153,9 +159,9 @@ def run_grow(
         round_cfg = dataclasses.replace(
             cfg, model=with_depth(ref.config.model, n, f"{ref.config.model.name}-inherit{n}")
         )
-        if r == 1:
-            provenance = inheritune_provenance(ref, settings.spec, n, list(range(n)), round=1,
-                                               data_offset_samples=offset)
+        if r == 1 or settings.mode == "restart":
+            provenance = inheritune_provenance(ref, settings.spec, n, list(range(n)), round=r,
+                                               data_offset_samples=offset, mode=settings.mode)
 
             def init(n=n, round_cfg=round_cfg):
                 return inherit(
@@ -164,7 +170,8 @@ def run_grow(
         else:
             prev_n = previous.cfg.n_layer
             provenance = inheritune_provenance(ref, settings.spec, n, list(range(prev_n, n)), round=r,
-                                               grown_from=str(round_dir(out, r - 1)), data_offset_samples=offset)
+                                               grown_from=str(round_dir(out, r - 1)), data_offset_samples=offset,
+                                               mode=settings.mode)
 
             def init(previous=previous, prev_n=prev_n, n=n, round_cfg=round_cfg):
                 return grow(
@@ -230,9 +237,9 @@ def run_grow(
                 else f"grew to the limit of {n} layers"
             )
             break
-        if settings.data_order == "continue":
+        if settings.mode == "continue" and settings.data_order == "continue":
             offset += trainer.state.step * trainer.global_batch
-        previous = model
+        previous = model if settings.mode == "continue" else None
         n = min(n + settings.step, top)
         r += 1
     return rows
