@@ -480,6 +480,18 @@ def test_cli_inherit_trains_and_records_provenance(run_scion, reference_run, tmp
     assert ckpt.list_checkpoints(out)[-1].step == 3
 
 
+def test_cli_inherit_takes_the_blocks_asked_for(run_scion, reference_run, tmp_path):
+    out = tmp_path / "last"
+    run_scion("inherit", "--reference", reference_run, "--layers", "2", "--blocks", "last", "--out", out,
+              "--max-steps", "1", "--progress", "lines")
+    prov = json.loads((out / "inherit.json").read_text())
+    assert prov["blocks_from_reference"] == [1, 2] and prov["spec"]["blocks"] == "last"
+    listed = run_scion("inherit", "--reference", reference_run, "--blocks", "2,0", "--out", tmp_path / "listed",
+                       "--max-steps", "1", "--progress", "lines")
+    prov = json.loads((tmp_path / "listed" / "inherit.json").read_text())
+    assert prov["layers"] == 2 and prov["blocks_from_reference"] == [2, 0] and listed.returncode == 0
+
+
 @pytest.mark.slow
 def test_cli_grow_prints_the_summary_and_resumes_a_finished_run(run_scion, reference_run, tmp_path):
     out = tmp_path / "g"

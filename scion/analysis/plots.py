@@ -243,11 +243,14 @@ def plot_lazy_depth(rows, path: Path) -> Path:
     axes[0].bar(x, [r.lazy_layers for r in rows], color="tab:red", alpha=0.7, label="lazy layers")
     axes[0].plot(x, [r.degenerate_head_share * r.layers for r in rows], "ko", ms=4,
                  label="degenerate heads (in layers' worth)")
+    axes[0].set_ylim(0, max(1, max(r.layers for r in rows) / 4))
     axes[0].set_title("lazy layers")
     for ax, low, last, title in ((axes[1], "k_star_min", "k_star_last", "approximate rank k*"),
                                  (axes[2], "m_star_min", "m_star_last", "column mass m*")):
-        ax.plot(x, [getattr(r, low) for r in rows], marker="o", label="lowest layer mean")
+        ax.plot(x, [getattr(r, low) for r in rows], marker="o", label="lowest layer mean (first layer left out)")
         ax.plot(x, [getattr(r, last) for r in rows], marker="s", ls="--", label="deepest layer mean")
+        if low == "m_star_min":
+            ax.plot(x, [r.m_star_head_min for r in rows], marker="v", ls=":", label="sharpest head (median)")
         ax.axhline(1, color="tab:red", lw=1, ls=":", label="degenerate (1)")
         ax.set_yscale("log")
         ax.set_title(title)

@@ -72,10 +72,13 @@ class DepthRow:
     val_loss: float | None
     lazy_layers: int
     degenerate_head_share: float
-    k_star_min: float  # the lowest layer mean of k* (how close a layer comes to rank one)
+    # the lowest layer mean of k* and m* above the first layer (how close a layer comes to
+    # degenerate; the first layer is left out: it averages uniformly, k* about 5 for 128 tokens)
+    k_star_min: float
     m_star_min: float
     k_star_last: float  # the deepest layer's mean k*
     m_star_last: float
+    m_star_head_min: float  # the sharpest single head's median m*, in any layer
     seq_len: int
 
 
@@ -162,10 +165,12 @@ def _row(name: str, run: Path, report: dict) -> DepthRow:
     layers = report["layers"]
     k = [float(np.mean(e["k_star_mean"])) for e in layers]
     m = [float(np.mean(e["m_star_mean"])) for e in layers]
+    above = slice(1, None) if len(layers) > 1 else slice(None)
+    sharpest = float(min(min(e["m_star_median"]) for e in layers))
     s = report["summary"]
     return DepthRow(name, s["n_layer"], report["model"]["parameters"], state["step"], state.get("best_val_loss"),
-                    len(s["lazy_layers"]), s["degenerate_head_share"], min(k), min(m), k[-1], m[-1],
-                    report["data"]["seq_len"])
+                    len(s["lazy_layers"]), s["degenerate_head_share"], min(k[above]), min(m[above]), k[-1], m[-1],
+                    sharpest, report["data"]["seq_len"])
 
 
 def write_results(rows: list[DepthRow], out: Path) -> list[Path]:
@@ -178,14 +183,15 @@ def write_results(rows: list[DepthRow], out: Path) -> list[Path]:
 
 def results_markdown(rows: list[DepthRow]) -> str:
     lines = ["| model | layers | parameters | steps | best val loss | lazy layers | degenerate heads | "
-             "lowest layer k* | lowest layer m* | deepest layer k* | deepest layer m* |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "lowest layer k* | lowest layer m* | deepest layer k* | deepest layer m* | sharpest head m* |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         val = f"{r.val_loss:.4f}" if r.val_loss is not None else "-"
         lines.append(f"| {r.name} | {r.layers} | {r.params / 1e6:.2f}M | {r.steps} | {val} | "
                      f"{r.lazy_layers}/{r.layers} | {r.degenerate_head_share:.0%} | {r.k_star_min:.1f} | "
-                     f"{r.m_star_min:.1f} | {r.k_star_last:.1f} | {r.m_star_last:.1f} |")
+                     f"{r.m_star_min:.1f} | {r.k_star_last:.1f} | {r.m_star_last:.1f} | {r.m_star_head_min:.0f} |")
     seq = rows[0].seq_len if rows else 0
-    lines.append(f"\nk* and m* are means over heads and {seq}-token sequences; 1 is a degenerate head "
-                 "(rank one, or one column holding 90% of the attention).")
+    lines.append(f"\nk* and m* of a layer are means over its heads and {seq}-token sequences; \"lowest layer\" "
+                 "leaves out the first layer, which averages uniformly; the sharpest head's m* is its median "
+                 "over sequences. 1 is a degenerate head (rank one, or one column holding 90% of the attention).")
     return "\n".join(lines)
