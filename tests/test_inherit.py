@@ -111,6 +111,25 @@ def test_inherited_parts_are_the_references_bit_for_bit_and_the_rest_fresh(spec)
                 assert_all_differ(got, block_params(ref, i, part))
 
 
+@pytest.mark.parametrize("spec, inherited", [
+    (InheritSpec(mlp=False, mlp_norm=False), {"attn", "attn_norm"}),  # attention with its norm
+    (InheritSpec(attn=False, attn_norm=False), {"mlp", "mlp_norm"}),  # the MLP with its norm
+    (InheritSpec(attn_norm=False), {"attn", "mlp", "mlp_norm"}),
+    (InheritSpec(mlp_norm=False), {"attn", "mlp", "attn_norm"}),
+    (InheritSpec(norms=False, attn_norm=True), {"attn", "mlp"}),  # --no-norms covers both
+], ids=lambda x: x.describe() if isinstance(x, InheritSpec) else "")
+def test_each_norm_of_a_block_is_inherited_or_not_on_its_own(spec, inherited):
+    ref = trained_like(LLAMA)
+    target = inherit(ref, spec, seed=3)
+    init = fresh(target.cfg, 3)
+    assert set(spec.block_parts()) == inherited
+    for i in range(target.cfg.n_layer):
+        for attr in ("attn", "mlp", "attn_norm", "mlp_norm"):
+            got = dict(getattr(target.blocks[i], attr).state_dict())
+            source = ref if attr in inherited else init
+            assert_same(got, dict(getattr(source.blocks[i], attr).state_dict()))
+
+
 def test_inherit_gpt2_style_takes_position_embedding_and_tied_head():
     ref = trained_like(GPT2)
     target = inherit(ref, InheritSpec(), seed=0)

@@ -54,11 +54,19 @@ class InheritSpec:
     attn: bool = True
     # the gate/up/down projections of each inherited block; no: fresh ones
     mlp: bool = True
-    # the two norms inside each inherited block; no: fresh ones
+    # the two norms inside each inherited block; no: fresh ones (both)
     norms: bool = True
+    # the norm before attention alone (with norms); no: a fresh one, the MLP's norm kept
+    attn_norm: bool = True
+    # the norm before the MLP alone (with norms); no: a fresh one, the attention's norm kept
+    mlp_norm: bool = True
 
     def block_parts(self) -> list[str]:
-        return [attr for part, attrs in BLOCK_PARTS.items() if getattr(self, part) for attr in attrs]
+        """The Block attributes copied from the reference: each sub-module, and each norm on its
+        own, so that every row of the paper's sub-module ablation (Table 3) is one spec."""
+        wanted = {"attn": self.attn, "mlp": self.mlp, "attn_norm": self.norms and self.attn_norm,
+                  "mlp_norm": self.norms and self.mlp_norm}
+        return [attr for attrs in BLOCK_PARTS.values() for attr in attrs if wanted[attr]]
 
     def resolve_layers(self, reference_depth: int) -> int:
         listed = self.listed_blocks()
@@ -101,9 +109,10 @@ class InheritSpec:
         return listed
 
     def describe(self) -> str:
-        taken = [
-            name for name in ("embed", "final_norm", "lm_head", "attn", "mlp", "norms") if getattr(self, name)
-        ]
+        parts = self.block_parts()
+        norms = ["norms"] if {"attn_norm", "mlp_norm"} <= set(parts) else \
+            [p for p in ("attn_norm", "mlp_norm") if p in parts]
+        taken = [name for name in ("embed", "final_norm", "lm_head", "attn", "mlp") if getattr(self, name)] + norms
         return "+".join(taken) if taken else "nothing"
 
 

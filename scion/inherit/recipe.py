@@ -99,7 +99,7 @@ def inheritune(cfg: RunConfig, out: Path, reference: Reference | None, spec: Inh
         k = reference.config.model.n_layer
         provenance = inheritune_provenance(
             reference, spec, spec.layers,
-            blocks=spec.block_indices(k) if (spec.attn or spec.mlp or spec.norms) else [],
+            blocks=spec.block_indices(k) if spec.block_parts() else [],
             reference_layers=k,
         )
     env = setup(cfg)
