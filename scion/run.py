@@ -134,6 +134,21 @@ def load_model(path: str | Path, which: str | None = None, device="cpu", dtype=N
     return LoadedModel(model, tokenizer, cfg, folder, state)
 
 
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The records of RUN_DIR/metrics.jsonl, in order; none when there is no file yet. A line a
+    kill cut short is skipped: the records before and after it stand."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
 def write_data_record(run_dir: Path, folders: list[Path], weights: list[float]) -> None:
     (run_dir / "data.json").write_text(json.dumps(
         {"datasets": [str(f) for f in folders], "weights": weights or [1.0] * len(folders)}, indent=1))

@@ -106,18 +106,20 @@ def run_study(cfg: RunConfig, settings: StudySettings, out: Path, progress: bool
     return rows
 
 
-def _finished(run: Path, max_steps: int) -> bool:
+def _progress(run: Path, max_steps: int) -> str:
+    """done (trained to max_steps), resume (stopped with a checkpoint) or new."""
     refs = ckpt.list_checkpoints(run) if is_run(run) else []
-    return bool(refs) and refs[-1].step >= max_steps
+    return "done" if refs and refs[-1].step >= max_steps else "resume" if refs else "new"
 
 
 def _train(cfg: RunConfig, run: Path, progress) -> Path:
-    if _finished(run, cfg.train.max_steps):
+    state = _progress(run, cfg.train.max_steps)
+    if state == "done":
         log(f"{run}: trained already")
         return run
-    resume = bool(is_run(run) and ckpt.list_checkpoints(run))
-    log(f"{run}: {'resuming' if resume else 'training'} {cfg.model.n_layer} layers for {cfg.train.max_steps} steps")
-    pretrain(cfg, run, resume=resume, overwrite=not resume, progress=progress)
+    log(f"{run}: {'resuming' if state == 'resume' else 'training'} {cfg.model.n_layer} layers for "
+        f"{cfg.train.max_steps} steps")
+    pretrain(cfg, run, resume=state == "resume", overwrite=state == "new", progress=progress)
     return run
 
 
@@ -128,11 +130,11 @@ def _train_child(cfg: RunConfig, reference: Path, run: Path, progress) -> Path:
     from scion.inherit.recipe import inheritune, target_config
     from scion.inherit.runs import load_reference
 
-    if _finished(run, cfg.train.max_steps):
+    state = _progress(run, cfg.train.max_steps)
+    if state == "done":
         log(f"{run}: trained already")
         return run
-    resume = bool(is_run(run) and ckpt.list_checkpoints(run))
-    if resume:
+    if state == "resume":
         log(f"{run}: resuming the Inheritune child")
         inheritune(load_config(run), run, None, InheritSpec(), resume=True, progress=progress)
         return run

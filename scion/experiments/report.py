@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from scion.inherit.runs import fmt_loss
+from scion.run import read_metrics
 
 
 @dataclass
@@ -26,19 +27,8 @@ class Row:
 
 
 def curve(curves: list[tuple[Path, int]]) -> list[tuple[int, float]]:
-    points = []
-    for run_dir, offset in curves:
-        f = Path(run_dir) / "metrics.jsonl"
-        if not f.exists():
-            continue
-        for line in f.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if "val_loss" in rec:
-                points.append((offset + rec["step"], rec["val_loss"]))
-    return points
+    return [(offset + rec["step"], rec["val_loss"])
+            for run_dir, offset in curves for rec in read_metrics(run_dir) if "val_loss" in rec]
 
 
 def precondition_warning(rows: list[Row]) -> str | None:

@@ -32,6 +32,7 @@ from scion.config import RunConfig
 from scion.errors import ScionError
 from scion.pretrain import pretrain
 from scion.pretrain.steps import log
+from scion.run import read_metrics
 
 RESULTS = "resume-lesson"
 RUNS = ("uninterrupted", "resumed", "reset")
@@ -110,12 +111,7 @@ def _stopped_copy(run: Path, to: Path, stop: int) -> None:
 
 
 def read_losses(run: Path) -> dict[int, float]:
-    losses = {}
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "loss" in record and "step" in record:
-            losses[int(record["step"])] = float(record["loss"])
-    return losses
+    return {int(r["step"]): float(r["loss"]) for r in read_metrics(run) if "loss" in r and "step" in r}
 
 
 def measure(losses: dict[str, dict[int, float]], stop: int, max_steps: int, window: int = 20,
