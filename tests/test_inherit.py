@@ -17,7 +17,7 @@ from scion.errors import ScionError
 from scion.inherit.distill import DistillLoss, capture_final_hidden, cosine_term, kd_loss
 from scion.inherit.init import (
     InheritSpec,
-    every_other,
+    distilbert_student,
     fresh,
     grow,
     half_width,
@@ -25,6 +25,7 @@ from scion.inherit.init import (
     hybrid_stack,
     inherit,
     stack,
+    strided_blocks,
 )
 
 # Trains or runs at --precision auto: `make test-bf16` runs these again with auto forced to bf16.
@@ -163,7 +164,7 @@ def test_inherit_takes_the_blocks_asked_for_bit_for_bit(blocks, layers, expected
     ("0,9", None, "between 0 and 5"),
     ("1,1", None, "each block once"),
     ("0,1,2", 2, "lists 3 blocks but --layers is 2"),
-    ("some", None, "use first, last, spaced, healthy"),
+    ("some", None, "use first, last, spaced, strided, healthy"),
 ])
 def test_inherit_refuses_a_bad_block_choice(blocks, layers, message):
     with pytest.raises(ScionError, match=message):
@@ -308,12 +309,25 @@ def test_hybrid_stacking_repeats_the_references_first_half():
     assert torch.equal(model.lm_head.weight, ref.lm_head.weight)
 
 
-def test_every_other_layer_takes_blocks_0_2_4():
+def test_distilbert_student_takes_every_other_block_at_half_depth():
     ref = trained_like(LLAMA)
-    model = every_other(ref, seed=0)
+    model = distilbert_student(ref, seed=0)
     assert model.cfg.n_layer == 3
     for i, j in enumerate((0, 2, 4)):
         assert_same(dict(model.blocks[i].state_dict()), dict(ref.blocks[j].state_dict()))
+
+
+def test_distilbert_student_of_16_from_24_takes_two_blocks_of_every_three():
+    # The documented rule, block floor(i k / n): the paper's 16-layer student of GPT-2 medium.
+    assert strided_blocks(24, 16) == [0, 1, 3, 4, 6, 7, 9, 10, 12, 13, 15, 16, 18, 19, 21, 22]
+    assert strided_blocks(24, 12) == list(range(0, 24, 2))  # DistilBERT's own case
+    assert strided_blocks(6, 6) == list(range(6))
+    ref = trained_like(LLAMA)  # 6 blocks; a 4-block student takes 0, 1, 3, 4
+    model = distilbert_student(ref, seed=0, layers=4)
+    for i, j in enumerate((0, 1, 3, 4)):
+        assert_same(dict(model.blocks[i].state_dict()), dict(ref.blocks[j].state_dict()))
+    assert torch.equal(model.embed.weight, ref.embed.weight)
+    assert InheritSpec(layers=4, blocks="strided").block_indices(6) == [0, 1, 3, 4]
 
 
 @pytest.mark.parametrize("cfg", [LLAMA, GPT2], ids=["llama-gqa", "gpt2-bias"])
@@ -351,9 +365,36 @@ def test_half_width_is_the_leading_corner_of_every_weight(cfg):
     half(torch.randint(0, cfg.vocab_size, (1, 5)))  # a working model
 
 
+def test_half_width_rounds_an_odd_head_count_up():
+    # GPT-2 xl: 25 heads of 64 over 1600 features -> 13 heads of 64 over an 800-wide stream.
+    xl = half_width_config(dataclasses.replace(GPT2, n_head=25, n_kv_head=None, d_model=1600, ffn_hidden=6400))
+    assert (xl.d_model, xl.n_head, xl.kv_heads, xl.dim_per_head, xl.ffn_hidden) == (800, 13, 13, 64, 3200)
+    # Grouped-query attention keeps whole groups: 3 KV heads with 2 queries each -> 2 KV heads, 4 queries.
+    gqa = half_width_config(dataclasses.replace(LLAMA, n_head=6, n_kv_head=3, d_model=48))
+    assert (gqa.n_head, gqa.kv_heads, gqa.dim_per_head) == (4, 2, 8)
+    mqa = half_width_config(dataclasses.replace(LLAMA, n_head=5, n_kv_head=1, d_model=40))
+    assert (mqa.n_head, mqa.kv_heads) == (3, 1)
+
+
+@pytest.mark.parametrize("heads", [(5, None), (6, 3)], ids=["mha-odd", "gqa-odd-kv"])
+def test_half_width_with_odd_heads_is_the_leading_corner(heads):
+    n_head, n_kv = heads
+    cfg = dataclasses.replace(LLAMA, n_head=n_head, n_kv_head=n_kv, d_model=8 * n_head, ffn_hidden=48)
+    ref = trained_like(cfg)
+    half = half_width(ref, seed=0)
+    hc = half.cfg
+    hd, d = cfg.dim_per_head, cfg.d_model // 2
+    q, kv = hc.n_head * hd, hc.kv_heads * hd
+    for a, b in zip(half.blocks, ref.blocks, strict=True):
+        assert torch.equal(a.attn.q_proj.weight, b.attn.q_proj.weight[:q, :d])
+        assert torch.equal(a.attn.k_proj.weight, b.attn.k_proj.weight[:kv, :d])
+        assert torch.equal(a.attn.o_proj.weight, b.attn.o_proj.weight[:d, :q])
+    half(torch.randint(0, cfg.vocab_size, (1, 5)))  # a working model
+
+
 def test_half_width_refuses_odd_widths():
-    with pytest.raises(ScionError, match="even number of KV heads"):
-        half_width_config(dataclasses.replace(LLAMA, n_head=6, n_kv_head=3, d_model=48))
+    with pytest.raises(ScionError, match="even d_model"):
+        half_width_config(dataclasses.replace(LLAMA, n_head=6, n_kv_head=3, d_model=51, head_dim=8))
 
 
 # ---- distillation ----------------------------------------------------------------------------
@@ -387,7 +428,7 @@ def test_cosine_term_matches_a_hand_computation():
 
 def test_distill_loss_in_the_loop():
     teacher = trained_like(LLAMA).eval()
-    student = every_other(teacher, seed=0).train()
+    student = distilbert_student(teacher, seed=0).train()
     x = torch.randint(0, LLAMA.vocab_size, (2, 8))
     y = torch.randint(0, LLAMA.vocab_size, (2, 8))
     loss_fn = DistillLoss(teacher, alpha=0.6, temperature=1.0, beta=0.5)

@@ -25,6 +25,21 @@ def test_bundled_configs_load_and_validate(name):
     assert cfg.experiment.distill.alpha == 0.6 and cfg.experiment.distill.temperature == 1.0
 
 
+@pytest.mark.parametrize("name, layers, heads, d, n, final", [
+    ("gpt2-medium", 24, 16, 1024, 12, 16), ("gpt2-large", 36, 20, 1280, 18, 18), ("gpt2-xl", 48, 25, 1600, 24, 24)])
+def test_paper_configs_carry_the_released_hyperparameters(name, layers, heads, d, n, final):
+    from scion.inherit.init import half_width_config
+
+    cfg = load_experiment_config(name)
+    m, t, e = cfg.run.model, cfg.run.train, cfg.experiment
+    assert (m.n_layer, m.n_head, m.d_model) == (layers, heads, d)
+    assert (t.lr, t.min_lr, t.warmup_steps, t.max_steps) == (2e-4, 1e-5, 2000, 100_000)
+    assert t.tokens_per_step == 12 * 1024 * 4 * 3 == 147_456
+    assert (e.target_layers, e.baseline_layers, e.grow_mode) == (n, final, "restart")
+    assert (e.distill.steps, e.distill.tokens_per_step) == (50_000, 48 * 1024)
+    assert half_width_config(m).d_model == d // 2  # xl's 25 heads included
+
+
 def test_cpu_default_is_the_12_layer_reference_with_6_layer_targets():
     cfg = load_experiment_config(None)
     assert cfg.run.model.n_layer == 12 and cfg.experiment.target_layers == 6
@@ -119,3 +134,47 @@ def test_tiny_experiment_end_to_end(run_scion, corpus, tmp_path):
     assert "already trained" in again.stderr
     stacking = json.loads((out / "stacking" / "inherit.json").read_text())
     assert stacking["stage1_steps"] == 1
+
+
+def test_protocol_seeds_growth_modes_and_baselines_at_the_final_depth(cache_dir, corpus, tmp_path):
+    """Every same-size baseline is built at the depth Inheritune's (restart) growth ended at,
+    random-2x also at the starting depth when that differs, both growth modes run side by side,
+    the KD budget is its own, and each recipe runs once per seed with the mean and spread shown."""
+    from scion.experiments import Experiment
+
+    cfg = experiment_from_dict({
+        "model": {"name": "r", "vocab_size": 512, "n_layer": 4, "n_head": 2, "n_kv_head": 1, "d_model": 32,
+                  "ffn_hidden": 64, "max_seq_len": 16},
+        "train": {"max_steps": 2, "micro_batch_size": 2, "warmup_steps": 1, "log_every": 1, "eval_every": 1,
+                  "eval_batches": 2, "sample_prompts": [], "checkpoint_every": 2, "device": "cpu",
+                  "precision": "fp32"},
+        "data": {"path": [str(corpus)], "val_fraction": 0.2},
+        "experiment": {"target_layers": 2, "grow_mode": "both", "seeds": 2, "reference_steps": 3,
+                       "recipes": ["inheritune", "random", "random-2x", "kd", "distilbert"],
+                       "distill": {"steps": 3, "tokens_per_step": 2 * 2 * 16}},
+    }, "test")
+    out = tmp_path / "exp"
+    rows = Experiment(out, cfg, progress=False).run()
+
+    by = {}
+    for r in rows:
+        by.setdefault(r.recipe, []).append(r)
+    assert len(by["reference"]) == 1 and (out / "reference").is_dir()
+    assert [r.seed for r in by["random"]] == [1337, 1338]
+    for seed in (1337, 1338):
+        mine = {r.recipe: r for r in rows if r.seed == seed}
+        grown = json.loads((out / f"seed-{seed}" / "inheritune" / "summary.json").read_text())["rounds"]
+        final = grown[-1]["layers"]
+        # restart: every round is a fresh inheritance trained T steps; continue grows in place
+        assert all(r["steps"] == 2 for r in grown)
+        continued = json.loads((out / f"seed-{seed}" / "inheritune-continue" / "summary.json").read_text())
+        assert continued["rounds"][0]["val_loss"] == grown[0]["val_loss"]  # round 1 is the same model
+        for name in ("random", "random-2x", "kd", "distilbert"):
+            assert mine[name].layers == final, name
+        assert ("random-2x-n" in mine) == (final != 2)
+        assert mine["kd"].steps == 3 and mine["kd"].tokens == 3 * 2 * 2 * 16
+        distil = json.loads((out / f"seed-{seed}" / "distilbert" / "inherit.json").read_text())
+        assert distil["blocks"] == [i * 4 // final for i in range(final)]
+        assert distil["seed"] == seed
+    table = (out / "results.md").read_text()
+    assert "val loss (mean ± sd, 2 seeds)" in table and " ± " in table.split("| random |")[1].splitlines()[0]

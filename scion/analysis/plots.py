@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 from pathlib import Path
 
 import numpy as np
@@ -142,33 +143,35 @@ def plot_compare(reports: list[dict], path: Path) -> Path:
 
 
 def plot_experiment(rows: list, out: Path) -> list[Path]:
-    """The experiment's plots (rows: scion.experiments.report.Row): val_loss.png, validation loss
-    against steps for every run, and with a sweep, sweep.png."""
+    """The experiment's plots (rows: scion.experiments.report.Row): val_loss.png, training and
+    validation loss against steps for every run (one colour per recipe, one line per seed), and
+    with a sweep, sweep.png."""
     plt = pyplot()
     written = []
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, (ax_train, ax_val) = plt.subplots(1, 2, figsize=(13, 5))
     colors = plt.get_cmap("tab20").colors
-    for i, row in enumerate(r for r in rows if r.group != "sweep" and r.curve):
-        steps, losses = zip(*row.curve, strict=True)
+    recipes = list(dict.fromkeys(r.recipe for r in rows if r.group != "sweep" and r.curve))
+    for row in (r for r in rows if r.group != "sweep" and r.curve):
+        i = recipes.index(row.recipe)
         main = row.group in ("reference", "inheritune")
-        ax.plot(
-            steps,
-            losses,
-            "-" if main else "--",
-            marker=".",
-            lw=2.5 if main else 1.2,
-            color=colors[(2 * i) % 20 + (2 * i) // 20],
-            label=f"{row.recipe} ({row.layers}L)",
-        )
-    ax.set_xlabel("optimizer steps (all stages)")
-    ax.set_ylabel("validation loss")
-    finite = [v for r in rows for _, v in r.curve if math.isfinite(v)]
-    if finite:
-        low = min(finite)
-        ax.set_ylim(low - 0.05, low + 2.0)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
-    ax.set_title("Inheritune and baselines: validation loss")
+        first = next(r for r in rows if r.recipe == row.recipe) is row
+        style = dict(color=colors[(2 * i) % 20 + (2 * i) // 20], lw=2.0 if main else 1.1,
+                     ls="-" if main else "--", label=f"{row.recipe} ({row.layers}L)" if first else None)
+        for ax, points in ((ax_val, row.curve), (ax_train, row.train_curve)):
+            if points:
+                steps, losses = zip(*points, strict=True)
+                ax.plot(steps, losses, marker="." if ax is ax_val else None, **style)
+    for ax, name, key in ((ax_train, "training", "train_curve"), (ax_val, "validation", "curve")):
+        ax.set_xlabel("optimizer steps (all stages)")
+        ax.set_ylabel(f"{name} loss")
+        finite = [v for r in rows for _, v in getattr(r, key) if math.isfinite(v)]
+        if finite:
+            low = min(finite)
+            ax.set_ylim(low - 0.05, low + 1.5)
+        ax.grid(alpha=0.3)
+    ax_val.legend(fontsize=8, ncol=2)
+    seeds = len({r.seed for r in rows})
+    fig.suptitle("Inheritune and baselines" + (f" ({seeds} seeds, one line each)" if seeds > 1 else ""))
     fig.tight_layout()
     fig.savefig(out / "val_loss.png", dpi=90)
     plt.close(fig)
@@ -177,12 +180,15 @@ def plot_experiment(rows: list, out: Path) -> list[Path]:
     sweep = [r for r in rows if r.group == "sweep"]
     if sweep:
         # Inheritune's own round 1 is the sweep's point at the target's n.
-        first = next((r for r in rows if r.recipe == "inheritune"), None)
-        if first is not None and all(r.layers != first.layers for r in sweep):
-            sweep.append(first)
-        sweep.sort(key=lambda r: r.layers)
+        inherited = [r for r in rows if r.recipe == "inheritune"]
+        if inherited and all(r.layers != inherited[0].layers for r in sweep):
+            sweep += inherited
+        depths = sorted({r.layers for r in sweep})
+        means = [statistics.fmean(r.val_loss for r in sweep if r.layers == d) for d in depths]
         fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot([r.layers for r in sweep], [r.val_loss for r in sweep], "o-", label="inherit first n blocks")
+        ax.plot(depths, means, "o-", label="inherit first n blocks (mean over seeds)")
+        if len(sweep) > len(depths):
+            ax.plot([r.layers for r in sweep], [r.val_loss for r in sweep], ".", color="gray", label="each seed")
         ref = next((r for r in rows if r.recipe == "reference"), None)
         if ref is not None:
             ax.axhline(ref.val_loss, color="gray", ls="--", label=f"reference ({ref.layers}L)")

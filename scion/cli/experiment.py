@@ -31,9 +31,11 @@ examples:
   scion experiment inheritune --sweep 2,4,6,8          # Figure 11: val loss against n
   scion experiment inheritune --recipes inheritune,random,kd --max-steps 300
   scion experiment inheritune --reference runs/ref     # use an existing reference
+  scion experiment inheritune --config cpu-protocol --seeds 3   # the paper's protocol at CPU scale
 
 Running the same command again continues: finished runs are skipped, stopped ones resume.
-Bundled configs (scion/experiments/configs/): cpu, cpu-small, gpt2-medium, gpt2-large, open-llama-3b.
+Bundled configs (scion/experiments/configs/): cpu, cpu-small, cpu-protocol, gpt2-medium, gpt2-large,
+gpt2-xl, open-llama-3b.
 The other experiments have their own flags: scion experiment resume-lesson --help, lazy-depth --help.
 """
 
@@ -90,6 +92,12 @@ def main(argv: list[str]) -> int:
         "--sweep", type=_int_list, default=None, metavar="N,N,...", help="also train n = each of these"
     )
     p.add_argument("--no-grow", action="store_true", help="stop Inheritune after round 1")
+    p.add_argument("--grow-mode", choices=["restart", "continue", "both"], default=None,
+                   help="restart: each round afresh from the reference (the paper); continue: grow the trained "
+                        "model (scion's); both: side by side")
+    p.add_argument("--seeds", type=int, default=None, metavar="N",
+                   help="run every recipe but the reference with N seeds; the table shows mean and spread")
+    p.add_argument("--reference-steps", type=int, default=None, help="steps of the reference trained here")
     p.add_argument("--device", default=None, help="auto, cpu, cuda, ...")
     add_progress_flag(p)
     args = p.parse_args(argv)
@@ -113,6 +121,12 @@ def main(argv: list[str]) -> int:
         e.sweep_layers = args.sweep
     if args.no_grow:
         e.grow = False
+    if args.grow_mode:
+        e.grow_mode = args.grow_mode
+    if args.seeds is not None:
+        e.seeds = args.seeds
+    if args.reference_steps is not None:
+        e.reference_steps = args.reference_steps
     if args.device:
         run.train.device = args.device
     stem = Path(args.config).stem if args.config else "cpu"

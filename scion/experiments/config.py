@@ -1,7 +1,7 @@
 """The experiment's config: a RunConfig for the reference and the training settings every run
 shares (T = train.max_steps), and an `experiment` section saying which recipes run and how.
-Bundled configs live in configs/ beside this file (cpu, cpu-small, gpt2-medium, gpt2-large,
-open-llama-3b)."""
+Bundled configs live in configs/ beside this file (cpu, cpu-small, cpu-protocol,
+gpt2-medium, gpt2-large, gpt2-xl, open-llama-3b)."""
 
 from __future__ import annotations
 
@@ -29,6 +29,9 @@ class DistillSettings:
     alpha: float = 0.6  # weight of the KD term; 1 - alpha on the cross-entropy
     temperature: float = 1.0
     beta: float = 1.0  # weight of DistilBERT's hidden-state cosine term (the `distilbert` recipe only)
+    # the `kd` recipe's budget: the paper ran 50K steps of a 50K-token batch, not the others' T
+    steps: int | None = None  # None: T
+    tokens_per_step: int | None = None  # None: the shared train.tokens_per_step
 
 
 @dataclass
@@ -36,11 +39,16 @@ class ExperimentSettings:
     reference: str | None = None  # an existing reference (run dir or HF folder); None: train one
     reference_steps: int | None = None  # steps for the reference trained here; None: T
     target_layers: int | None = None  # n; None: half the reference's depth
+    # the depth of the same-size baselines; None: the depth Inheritune's growth ends at (n without it)
+    baseline_layers: int | None = None
     grow: bool = True  # run Algorithm 1 past round 1
     grow_step: int = 2
     # restart: every round afresh from the reference's first blocks (the paper); continue: grow
-    # the trained model (scion's extension)
-    grow_mode: Literal["continue", "restart"] = "continue"
+    # the trained model (scion's extension); both: the two side by side (inheritune-continue)
+    grow_mode: Literal["continue", "restart", "both"] = "continue"
+    # every recipe but the reference runs with train.seed, seed + 1, ...; the table shows the mean
+    # and spread (the reference is trained once: it is the given model)
+    seeds: int = 1
     recipes: list[str] = field(default_factory=lambda: list(DEFAULT_RECIPES))
     stacking_stage_steps: int | None = None  # first-stage steps of `stacking`; None: T // 2
     sweep_layers: list[int] = field(default_factory=list)  # Figure 11: val loss against n
@@ -59,7 +67,7 @@ class ExperimentConfig:
         if unknown:
             raise ScionError(f"unknown recipe(s) {', '.join(unknown)}; choose from {', '.join(RECIPE_NAMES)}")
         depth = self.run.model.n_layer
-        for n in [*e.sweep_layers, *([e.target_layers] if e.target_layers else [])]:
+        for n in [*e.sweep_layers, *(x for x in (e.target_layers, e.baseline_layers) if x)]:
             if not 1 <= n <= depth:
                 raise ScionError(f"layer counts must be between 1 and the reference's depth {depth}, got {n}")
         for name in ("reference_steps", "stacking_stage_steps"):
@@ -67,8 +75,13 @@ class ExperimentConfig:
                 raise ScionError(f"experiment.{name} must be positive")
         if e.grow_step <= 0:
             raise ScionError("experiment.grow_step must be positive")
-        if e.grow_mode not in ("continue", "restart"):
-            raise ScionError(f"experiment.grow_mode must be continue or restart, got {e.grow_mode!r}")
+        if e.grow_mode not in ("continue", "restart", "both"):
+            raise ScionError(f"experiment.grow_mode must be continue, restart or both, got {e.grow_mode!r}")
+        if e.seeds < 1:
+            raise ScionError(f"experiment.seeds must be at least 1, got {e.seeds}")
+        for name in ("steps", "tokens_per_step"):
+            if getattr(e.distill, name) is not None and getattr(e.distill, name) <= 0:
+                raise ScionError(f"experiment.distill.{name} must be positive")
 
 
 def load_experiment_config(source: str | None) -> ExperimentConfig:

@@ -5,9 +5,12 @@ shape of the paper's Tables 1-3) and one plot of validation loss against steps.
     OUT/experiment.json     the resolved experiment config
     OUT/reference/          the reference run (when trained here)
     OUT/inheritune/         a growth run (round-1, round-2, ... ; see scion.inherit.grow)
+    OUT/inheritune-continue/  with grow_mode both: the growth in place beside the paper's restart
     OUT/<recipe>/           one run per baseline (stacking also has OUT/stacking-stage1/)
     OUT/sweep-n<k>/         Figure 11: the first k reference blocks, trained T steps
-    OUT/results.json|.md    the table;  OUT/val_loss.png, OUT/sweep.png: the plots
+    OUT/seed-<s>/<recipe>/  with experiment.seeds > 1: every run but the reference, once per seed
+    OUT/results.json|.md    the table (mean and spread over seeds);  OUT/val_loss.png,
+                            OUT/sweep.png: the plots
 
 Running the same command again continues: finished runs are skipped and unfinished ones
 resume from their latest checkpoint.
@@ -21,11 +24,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 from scion.analysis.plots import plot_experiment
-from scion.config import RunConfig
+from scion.config import ModelConfig, RunConfig
 from scion.errors import ScionError
 from scion.experiments.config import ExperimentConfig, experiment_to_dict
 from scion.experiments.recipes import RECIPES
-from scion.experiments.report import Row, curve, write_results
+from scion.experiments.report import Row, chained, curve, train_curve, write_results
 from scion.inherit.init import InheritSpec, fresh, inherit, with_depth
 from scion.inherit.runs import (
     Reference,
@@ -45,25 +48,47 @@ class Experiment:
         cfg.validate()
         self.out, self.cfg, self.progress = Path(out), cfg, progress
         self.T = cfg.run.train.max_steps
-        self.seed = cfg.run.train.seed
+        self.base_seed = self.seed = cfg.run.train.seed
+        self.seed_out = self.out  # where this seed's runs go
         self.env = setup(cfg.run)
         self.reference: Reference | None = None
         self.rows: list[Row] = []
+        self.n = self.depth = 0  # the starting depth n and the baselines' depth (Inheritune's final one)
 
     # -- plumbing --
-    def _run_cfg(self, model_cfg, steps: int) -> RunConfig:
-        return dataclasses.replace(
-            self.cfg.run, model=model_cfg, train=dataclasses.replace(self.cfg.run.train, max_steps=steps)
-        )
+    def dir(self, name: str) -> Path:
+        return self.out / name if name == "reference" else self.seed_out / name
 
-    def train(self, name: str, model_cfg, steps: int, init, recipe: str, loss_fn=None, extra=None):
-        cfg = self._run_cfg(model_cfg, steps)
-        provenance = {"recipe": recipe, "reference": str(self.ref_source), **(extra or {})}
+    def reached(self, layers: int) -> None:
+        """Inheritune's growth ended at `layers`: the same-size baselines are built there, unless
+        the config names their depth."""
+        fixed = self.cfg.experiment.baseline_layers
+        if fixed and fixed != layers:
+            log(f"   note: Inheritune ended at {layers} layers; the baselines stay at "
+                f"experiment.baseline_layers = {fixed}")
+        self.depth = fixed or layers
+
+    def target(self, layers: int) -> ModelConfig:
+        ref = self.reference.model.cfg
+        return with_depth(ref, layers, f"{ref.name}-n{layers}")
+
+    def run_config(self, model_cfg, steps: int, tokens_per_step: int | None = None) -> RunConfig:
+        train = dataclasses.replace(self.cfg.run.train, max_steps=steps, seed=self.seed)
+        if tokens_per_step is not None:
+            train.tokens_per_step = tokens_per_step
+        return dataclasses.replace(self.cfg.run, model=model_cfg, train=train)
+
+    def train(self, name: str, model_cfg, steps: int, init, recipe: str, loss_fn=None, extra=None,
+              tokens_per_step: int | None = None):
+        cfg = self.run_config(model_cfg, steps, tokens_per_step)
+        provenance = {"recipe": recipe, "reference": str(self.ref_source), "seed": self.seed, **(extra or {})}
         kwargs = {"loss_fn": loss_fn} if loss_fn is not None else {}
-        log(f"== {name}: {model_cfg.n_layer} layers, d_model {model_cfg.d_model}, {steps} steps")
+        where = self.dir(name)
+        log(f"== {where.relative_to(self.out)}: {model_cfg.n_layer} layers, d_model {model_cfg.d_model}, "
+            f"{steps} steps, seed {self.seed}")
         trainer = train_run(
             cfg,
-            self.out / name,
+            where,
             init,
             self.env,
             self.tokenizer,
@@ -71,7 +96,7 @@ class Experiment:
             self.sampler,
             self.val,
             provenance=provenance,
-            resume=is_run(self.out / name),
+            resume=is_run(where),
             progress=self.progress,
             resume_hint="the same scion experiment command (it resumes every run)",
             **kwargs,
@@ -84,15 +109,18 @@ class Experiment:
         self,
         recipe: str,
         trainer,
-        curves: list[tuple[Path, int]],
+        runs: list[str],
         steps: int | None = None,
         tokens: int | None = None,
         label: str | None = None,
         init: str | None = None,
     ) -> Row:
+        """The row of `trainer`'s model; `runs` names the run folders whose curves make up its
+        history, in order (stacking: its first stage, then itself)."""
         model = trainer.model
         registered = RECIPES.get(recipe)
         group, desc = (registered.group, registered.init) if registered else ("sweep", "first n reference blocks")
+        chain = chained([self.dir(r) for r in runs])
         row = Row(
             label or recipe,
             group,
@@ -102,10 +130,12 @@ class Experiment:
             steps if steps is not None else trainer.state.step,
             tokens if tokens is not None else trainer.state.tokens,
             evaluate(model, self.val, self.env.device, self.env.precision),
-            curve(curves),
-            str(curves[-1][0]),
+            curve(chain),
+            str(chain[-1][0]),
+            self.seed,
+            train_curve(chain),
         )
-        log(f"   {row.recipe}: val loss {row.val_loss:.4f}")
+        log(f"   {row.recipe} (seed {self.seed}): val loss {row.val_loss:.4f}")
         self.rows.append(row)
         self.write_results()
         return row
@@ -127,36 +157,42 @@ class Experiment:
                 "(raise --data.val-fraction)"
             )
         if self.reference is None:
-            self.ref_source = self.out / "reference"
-            steps = e.reference_steps or self.T
-            trainer = self.train("reference", c.model, steps, lambda: fresh(c.model, self.seed), "random")
-            self.add_row("reference", trainer, [(self.out / "reference", 0)])
-            loaded = load_model(self.out / "reference", device=self.env.device)
-            self.reference = Reference(
-                loaded.model,
-                loaded.tokenizer,
-                loaded.config,
-                str(self.ref_source),
-                str(loaded.checkpoint),
-                self.out / "reference" / "tokenizer",
-            )
+            self._train_reference(e.reference_steps or self.T)
         else:
             check_tokenizer(self.tokenizer, self.reference)
             self._reference_row()
         ref = self.reference.model
-        depth = ref.cfg.n_layer
-        n = e.target_layers or max(1, depth // 2)
-        target_cfg = with_depth(ref.cfg, n, f"{ref.cfg.name}-n{n}")
         if ref.cfg != c.model and not e.reference:
             raise ScionError("internal: the trained reference does not match the config")
-
-        for name in e.recipes:
-            if RECIPES[name].run is not None:  # the reference is done above
-                RECIPES[name].run(self, ref, n, target_cfg)
-        for k in e.sweep_layers:
-            self.sweep(ref, k)
+        self.n = e.target_layers or max(1, ref.cfg.n_layer // 2)
+        # Inheritune first: the same-size baselines are built at the depth it ends at.
+        order = sorted((r for r in e.recipes if RECIPES[r].run is not None), key=lambda r: r != "inheritune")
+        for i in range(e.seeds):
+            self.seed = self.base_seed + i
+            self.seed_out = self.out if e.seeds == 1 else self.out / f"seed-{self.seed}"
+            self.sampler, _ = data_streams(self.run_config(c.model, self.T), self.folders)
+            self.depth = e.baseline_layers or self.n
+            for name in order:
+                RECIPES[name].run(self, ref)
+            for k in e.sweep_layers:
+                self.sweep(ref, k)
         self.write_results()
         return self.rows
+
+    def _train_reference(self, steps: int) -> None:
+        c = self.cfg.run
+        self.ref_source = self.dir("reference")
+        trainer = self.train("reference", c.model, steps, lambda: fresh(c.model, self.seed), "random")
+        self.add_row("reference", trainer, ["reference"])
+        loaded = load_model(self.ref_source, device=self.env.device)
+        self.reference = Reference(
+            loaded.model,
+            loaded.tokenizer,
+            loaded.config,
+            str(self.ref_source),
+            str(loaded.checkpoint),
+            self.ref_source / "tokenizer",
+        )
 
     def _reference_row(self) -> None:
         ref = self.reference
@@ -173,6 +209,7 @@ class Experiment:
                 val,
                 [],
                 ref.source,
+                self.base_seed,
             )
         )
 
@@ -191,7 +228,7 @@ class Experiment:
 
     def sweep(self, ref, k: int) -> None:
         name = f"sweep-n{k}"
-        cfg = with_depth(ref.cfg, k, f"{ref.cfg.name}-n{k}")
+        cfg = self.target(k)
         spec = InheritSpec(layers=k)
         t = self.train(
             name,
@@ -201,7 +238,7 @@ class Experiment:
             "inheritune",
             extra={"spec": asdict(spec)},
         )
-        self.add_row(name, t, [(self.out / name, 0)], label=name, init=f"first {k} reference blocks")
+        self.add_row(name, t, [name], label=name, init=f"first {k} reference blocks")
 
     # -- reporting --
     def write_results(self) -> None:

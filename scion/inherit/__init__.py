@@ -3,7 +3,7 @@ pretrained one, are trained, and grow a few blocks at a time until they match it
 paper's baselines (training from scratch, stacking, hybrid stacking, half width, knowledge
 distillation) through the same training loop.
 
-    init        weight surgery: inherit, grow, stack, hybrid_stack, every_other, half_width
+    init        weight surgery: inherit, grow, stack, hybrid_stack, distilbert_student, half_width
     distill     logit KD and DistilBERT-style losses for the loop
     runs        loading the reference; training an initialised model as a scion run
     recipe      `scion inherit`: one inherited model, trained
@@ -12,6 +12,6 @@ distillation) through the same training loop.
 The whole comparison with the paper's baselines is scion.experiments.
 """
 
-from scion.inherit.init import InheritSpec, every_other, grow, half_width, hybrid_stack, inherit, stack
+from scion.inherit.init import InheritSpec, distilbert_student, grow, half_width, hybrid_stack, inherit, stack
 
-__all__ = ["InheritSpec", "every_other", "grow", "half_width", "hybrid_stack", "inherit", "stack"]
+__all__ = ["InheritSpec", "distilbert_student", "grow", "half_width", "hybrid_stack", "inherit", "stack"]

@@ -10,7 +10,9 @@ does with a seeded generator. Nothing trains here and nothing touches files.
     stack          a trained small model doubled in depth by copying its own blocks (Gong et al.
                    2019, "progressive stacking"; Reddi et al. 2023)
     hybrid_stack   the reference's first n/2 blocks, stacked twice into n blocks
-    every_other    the reference's blocks 0, 2, 4, ... (DistilBERT's student initialisation)
+    distilbert_student
+                   the reference's blocks 0, k/n, 2k/n, ... (DistilBERT's every other block,
+                   generalised to any student depth; see `strided_blocks`)
     half_width     the reference's full depth at half the hidden size, its weights cut along
                    the width (see `half_width` for exactly which rows and columns)
 """
@@ -42,7 +44,8 @@ class InheritSpec:
     # blocks to take (None: half the reference's depth, at least one; with a list of --blocks, its length)
     layers: int | None = None
     # which reference blocks, in order: first (the paper), last, spaced (evenly, first and last
-    # included), a list such as 0,2,5, or healthy (the first non-lazy blocks of `scion lazy REF`)
+    # included), strided (DistilBERT's rule: block floor(i k/n)), a list such as 0,2,5, or healthy
+    # (the first non-lazy blocks of `scion lazy REF`)
     blocks: str = "first"
     # the reference's token embedding (and GPT-2's learned position embedding); no: a fresh one
     embed: bool = True
@@ -96,6 +99,8 @@ class InheritSpec:
             return list(range(k - n, k))
         if self.blocks == "spaced":  # evenly over the depth, both ends included
             return [0] if n == 1 else [round(i * (k - 1) / (n - 1)) for i in range(n)]
+        if self.blocks == "strided":
+            return strided_blocks(k, n)
         if self.blocks == "healthy":
             raise ScionError("--blocks healthy is resolved against the reference's lazy-layer report "
                              "(scion.inherit.recipe.resolve_blocks) before the blocks are copied")
@@ -116,7 +121,7 @@ class InheritSpec:
         return "+".join(taken) if taken else "nothing"
 
 
-BLOCK_CHOICES = ("first", "last", "spaced", "healthy")
+BLOCK_CHOICES = ("first", "last", "spaced", "strided", "healthy")
 
 
 def with_depth(cfg: ModelConfig, n_layer: int, name: str | None = None) -> ModelConfig:
@@ -262,39 +267,48 @@ def hybrid_stack(reference: Transformer, layers: int, seed: int) -> Transformer:
     return _restacked(reference, layers, seed, f"hybrid{layers}", lambda i: i % half)
 
 
-def every_other(reference: Transformer, seed: int, layers: int | None = None) -> Transformer:
-    """DistilBERT's student initialisation: block i is the reference's block 2i (blocks 0, 2,
-    4, ...), so the student has half the depth; embeddings, final norm and head copied."""
+def strided_blocks(reference_depth: int, layers: int) -> list[int]:
+    """DistilBERT's student rule for any depth: student block i is teacher block floor(i k / n),
+    a stride of k/n from block 0. With k = 2n it is DistilBERT's own "every other layer" (0, 2,
+    4, ...); for 16 of 24 it is 0, 1, 3, 4, 6, 7, ..., 21, 22 (two of every three)."""
+    if not 1 <= layers <= reference_depth:
+        raise ScionError(f"a strided student has 1 to {reference_depth} blocks (the reference's depth), got {layers}")
+    return [i * reference_depth // layers for i in range(layers)]
+
+
+def distilbert_student(reference: Transformer, seed: int, layers: int | None = None) -> Transformer:
+    """DistilBERT's student initialisation: block i is the reference's block `strided_blocks`
+    names (every other block when the student has half the depth); embeddings, final norm and
+    head copied."""
     layers = layers or max(1, reference.cfg.n_layer // 2)
-    if 2 * (layers - 1) >= reference.cfg.n_layer:
-        raise ScionError(
-            f"every-other-layer init of {layers} layers needs a reference of at least "
-            f"{2 * layers - 1} blocks; it has {reference.cfg.n_layer}"
-        )
-    return _restacked(reference, layers, seed, f"alt{layers}", lambda i: 2 * i)
+    blocks = strided_blocks(reference.cfg.n_layer, layers)
+    return _restacked(reference, layers, seed, f"alt{layers}", blocks.__getitem__)
 
 
 # ---- half width ------------------------------------------------------------------------------
 
 
 def half_width_config(cfg: ModelConfig) -> ModelConfig:
-    """The reference's depth with half the hidden size, half the heads (each head keeps its
-    size, so RoPE is unchanged), half the KV heads and half the MLP width."""
+    """The reference's depth at half its width. The residual stream and the MLP are halved
+    exactly (d_model/2, ffn_hidden/2); attention keeps whole heads of the same size (so RoPE is
+    unchanged) and half of them, rounded up: ceil(kv/2) KV heads, each with its query group
+    intact (with one KV head: ceil(n_head/2) query heads). GPT-2 xl's 25 heads of 64 become 13
+    over a 800-wide stream (q/k/v project 800 -> 832 features, as with an explicit head_dim)."""
     hd = cfg.dim_per_head
-    if cfg.n_head % 2 or cfg.d_model % 2 or cfg.ffn_hidden % 2:
+    if cfg.d_model % 2 or cfg.ffn_hidden % 2:
         raise ScionError(
-            f"half width needs an even n_head, d_model and ffn_hidden; the reference has "
-            f"{cfg.n_head}, {cfg.d_model} and {cfg.ffn_hidden}"
+            f"half width needs an even d_model and ffn_hidden; the reference has {cfg.d_model} and {cfg.ffn_hidden}"
         )
     kv = cfg.kv_heads
-    if kv > 1 and kv % 2:
-        raise ScionError(f"half width needs an even number of KV heads (or one); the reference has {kv}")
+    group = cfg.n_head // kv
+    half_kv = -(-kv // 2)
+    n_head = -(-cfg.n_head // 2) if kv == 1 else half_kv * group
     return dataclasses.replace(
         cfg,
         name=f"{cfg.name}-halfwidth",
         d_model=cfg.d_model // 2,
-        n_head=cfg.n_head // 2,
-        n_kv_head=max(1, kv // 2) if cfg.n_kv_head is not None else None,
+        n_head=n_head,
+        n_kv_head=half_kv if cfg.n_kv_head is not None else None,
         head_dim=hd,
         ffn_hidden=cfg.ffn_hidden // 2,
     )
@@ -306,8 +320,8 @@ def half_width_slices(cfg: ModelConfig) -> dict[str, tuple[slice, ...]]:
 
         d   = first d_model/2 of the hidden features (embedding columns, norm weights, and the
               input columns / output rows of every projection)
-        q   = the rows of the first n_head/2 heads (head h owns rows [h*hd, (h+1)*hd))
-        kv  = the rows of the first max(1, n_kv_head/2) KV heads; with grouped-query attention
+        q   = the rows of the first ceil(n_head/2) heads (head h owns rows [h*hd, (h+1)*hd))
+        kv  = the rows of the first ceil(n_kv_head/2) KV heads; with grouped-query attention
               query head h reads KV head h // (n_head/n_kv_head), so the kept query heads read
               exactly the kept KV heads
         f   = the first ffn_hidden/2 MLP units (rows of gate/up, columns of down)
