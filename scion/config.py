@@ -120,6 +120,14 @@ class TrainConfig:
     loss_spike_window: int = 100  # steps in the recent-loss window of the spike guard
     # what a guard's stop does; rollback: reload the last good checkpoint and skip the data since
     on_divergence: Literal["stop", "rollback"] = "stop"
+    # run even when the memory plan does not fit the device (see docs/memory.md)
+    force_memory: bool = False
+    # GiB per rank the memory plan must fit in, instead of what the device has (a share of a
+    # shared machine); 0: the device's available memory
+    memory_limit: float = 0.0
+    # what an out-of-memory in a step does: stop (the last checkpoint intact), or halve the
+    # micro-batch, double the accumulation and redo the step
+    on_oom: Literal["stop", "halve"] = "stop"
 
     def validate(self, model: ModelConfig) -> None:
         for name in ["max_steps", "micro_batch_size", "log_every", "eval_every", "sample_every",
@@ -127,7 +135,8 @@ class TrainConfig:
             if getattr(self, name) <= 0:
                 raise ScionError(f"train.{name} must be positive, got {getattr(self, name)}")
         for name in ["lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip", "milestone_every",
-                     "eval_batches", "sample_tokens", "eval_tasks_every", "max_bad_steps", "loss_spike_sigma"]:
+                     "eval_batches", "sample_tokens", "eval_tasks_every", "max_bad_steps", "loss_spike_sigma",
+                     "memory_limit"]:
             if getattr(self, name) < 0:
                 raise ScionError(f"train.{name} must not be negative, got {getattr(self, name)}")
         if self.eval_tasks_limit is not None and self.eval_tasks_limit <= 0:

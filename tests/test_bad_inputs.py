@@ -222,6 +222,16 @@ CASES = {
     "verify a folder that is not a run": (
         lambda c, t: ["verify", text_corpus(t, "a.txt", b"x")],
         "not a scion run (no config.yaml) or checkpoint folder"),
+    "a run whose memory plan cannot fit": (
+        lambda c, t: [*PRETRAIN, "--data", c["corpus"], "--micro-batch-size", "4096", "--memory-limit", "1",
+                      "--out", t / "o"],
+        "the largest term is activations"),
+    "plan for a device nobody makes": (
+        lambda c, t: ["plan", "--device", "tpu-9000"],
+        "unknown device 'tpu-9000'; choose from: h200-141gb"),
+    "plan on ranks without a parallel strategy": (
+        lambda c, t: ["plan", "--ranks", "8"],
+        "--ranks 8 needs --parallel ddp or --parallel fsdp"),
 }
 
 

@@ -14,6 +14,7 @@ from scion.errors import ScionError
 # name -> (module, one-line description)
 COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("scion.cli.pretrain", "train a model from scratch (or continue one with --resume)"),
+    "plan": ("scion.cli.plan", "the memory a run needs per rank and the largest micro-batch that fits"),
     "tokenizer": ("scion.cli.tokenizer", "train a byte-level BPE tokenizer: scion tokenizer train ..."),
     "prepare": ("scion.cli.prepare", "tokenize text/JSONL/Parquet into packed token shards"),
     "generate": ("scion.cli.generate", "sample a continuation from a trained run"),

@@ -23,6 +23,7 @@ from scion.run import prepare_run_dir, write_data_record
 from scion.tokenizer import Tokenizer
 from scion.train.device import resolve_device, resolve_precision
 from scion.train.loop import LossFn, Trainer, lm_loss
+from scion.train.memory import GiB, MemoryPlan, available_bytes, fixes, plan_memory, refusal, resident_bytes
 from scion.train.parallel import init_distributed, parallelize
 from scion.train.world import World
 
@@ -37,9 +38,13 @@ class Setup:
     device: torch.device
     precision: str
     world: World
+    runtime: float | None = None  # bytes resident before any model existed (the plan's runtime term)
 
 
-def setup(cfg: RunConfig) -> Setup:
+def setup(cfg: RunConfig, check_memory: bool = True) -> Setup:
+    """The device, precision and ranks; then the memory plan, which refuses a run that cannot fit
+    before anything is written (`check_memory` False: the recipe checks later, once it knows which
+    parameters train, as SFT with LoRA does)."""
     device = resolve_device(cfg.train.device)
     world = init_distributed(cfg.train.parallel, device)
     if world.size > 1 and device.type == "cuda":
@@ -48,7 +53,39 @@ def setup(cfg: RunConfig) -> Setup:
         # PyTorch's default is IEEE fp32 products, 8x slower than TF32 on an A100 or H100; the
         # fp32 parts of a bf16 run and every product of an fp32 run go through these.
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.train.tf32
-    return Setup(device, resolve_precision(cfg.train.precision, device), world)
+    env = Setup(device, resolve_precision(cfg.train.precision, device), world,
+                resident_bytes() if device.type == "cpu" else None)
+    if check_memory:
+        memory_check(cfg, env)
+    return env
+
+
+def memory_plan(cfg: RunConfig, env: Setup, model: torch.nn.Module | None = None) -> tuple[MemoryPlan, float | None]:
+    """The run's memory plan per rank and what the device has (None: unknown). With `model`, only
+    its parameters that train count for gradients and optimizer state (LoRA)."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) if model is not None else None
+    plan = plan_memory(cfg.model, cfg.train, precision=env.precision, device_kind=env.device.type,
+                       ranks=env.world.size, trainable=trainable, runtime=env.runtime)
+    limit = cfg.train.memory_limit * GiB if cfg.train.memory_limit else None
+    return plan, limit or available_bytes(env.device)
+
+
+def memory_check(cfg: RunConfig, env: Setup, model: torch.nn.Module | None = None,
+                 lora_hint: bool = False) -> MemoryPlan:
+    """Refuse, in one line naming the largest term and the flags that fix it, a run whose plan
+    does not fit the device; with train.force_memory, warn and go on."""
+    plan, available = memory_plan(cfg, env, model)
+    if available is None or plan.total <= available:
+        return plan
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) if model is not None else None
+    found = fixes(cfg.model, cfg.train, available, lora_hint=lora_hint, precision=env.precision,
+                  device_kind=env.device.type, ranks=env.world.size, trainable=trainable, runtime=env.runtime)
+    message = refusal(plan, available, str(env.device), found)
+    if not cfg.train.force_memory:
+        raise ScionError(message)
+    if env.world.main:
+        log(f"WARNING: {message.rsplit('; ', 1)[0]}; going on (--force-memory)")
+    return plan
 
 
 def load_data(cfg: RunConfig, world: World) -> tuple[Tokenizer, list[Path]]:
@@ -112,6 +149,7 @@ def train(
     `resume_hint` is the command that continues the run, for messages (scion pretrain's by default)."""
     t = cfg.train
     say = log if env.world.main else (lambda msg: None)
+    plan, available = memory_plan(cfg, env, model)  # before sharding: whole parameter counts
     train_model = parallelize(model, t.parallel, env.device, env.world, compile=t.compile,
                               activation_checkpointing=t.activation_checkpointing, precision=env.precision,
                               init_seed=t.seed)
@@ -141,6 +179,7 @@ def train(
     say(f"model {cfg.model.name}: {n / 1e6:.2f}M parameters | {env.device} {env.precision} | "
         f"{trainer.global_batch} x {trainer.seq_len} tokens per step ({trainer.accum} micro-steps x "
         f"{env.world.size} ranks) | {cfg.train.max_steps} steps")
+    say(plan.line(available))
     trainer.fit()
     return trainer
 

@@ -20,7 +20,7 @@ from scion import checkpoint as ckpt
 from scion.config import RunConfig
 from scion.errors import ScionError
 from scion.model import Transformer
-from scion.pretrain.steps import log, setup, start_run, train
+from scion.pretrain.steps import log, memory_check, setup, start_run, train
 from scion.run import check_new_run_dir, is_scion_source, load_config, resolve_checkpoint
 from scion.sft.batches import SFTBatches, eval_batches, make_examples, sft_loss
 from scion.sft.lora import ADAPTER_FILE, apply_lora, load_adapter, lora_layers, save_adapter
@@ -117,7 +117,7 @@ def sft(
     out = Path(out)
     if not resume:
         check_new_run_dir(out, overwrite)  # before any slow work
-    env = setup(cfg)
+    env = setup(cfg, check_memory=False)  # checked once LoRA says which parameters train
     source = preloaded or load_source(options.source, env.device)
     model, tokenizer = source.model, source.tokenizer
     model = model.to(env.device)
@@ -234,6 +234,7 @@ def sft(
                 f"packed {len(examples)} conversations into {len(batches)} rows of {seq_len} tokens "
                 f"({batches.fill():.0%} full)"
             )
+    memory_check(cfg, env, model, lora_hint=not lora)  # before the run directory is written
     run_dir = out
     if resume:
         if lora:

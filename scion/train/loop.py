@@ -16,6 +16,7 @@ same weights as one that never stopped (bit for bit on CPU).
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -40,12 +41,14 @@ from scion.faults import fault_point
 from scion.generate import generate
 from scion.model import Transformer
 from scion.train.callbacks import Callback, Checkpointing, Sampling, ThroughputMonitor, Validation
-from scion.train.device import autocast
+from scion.train.device import autocast, memory_record
 from scion.train.guards import UPDATE, Divergence, Guards
+from scion.train.memory import OutOfMemory
 from scion.train.optim import build_optimizer, lr_at
 from scion.train.world import World
 
 MAX_ROLLBACKS = 5  # train.on_divergence = rollback: give up after this many in one process
+OOM_ERRORS = (torch.cuda.OutOfMemoryError, MemoryError)  # a failed allocation, on a GPU or the host
 
 Batch = Any  # a tuple (inputs, targets) for language modelling, or whatever the loss expects
 LossFn = Callable[[torch.nn.Module, Batch], torch.Tensor]
@@ -311,12 +314,18 @@ class Trainer:
         try:
             self._each_callback("on_fit_start")
             while self.state.step < t.max_steps:
+                out_of_memory = False
                 try:
                     loss, grad_norm = self._step()
                 except Divergence as e:
                     self._roll_back(e)  # or stop: raises
                     self.bar.n = self.state.step
                     self._each_callback("post_rollback")
+                    continue
+                except OOM_ERRORS:
+                    out_of_memory = True  # handled below, once the step's tensors are released
+                if out_of_memory:
+                    self._out_of_memory()  # halves the micro-batch, or stops: raises
                     continue
                 if self.time_limit and time.time() - started >= self.time_limit and not self.stop_reason:
                     self.stop_reason = f"time limit {t.time_limit}"
@@ -362,6 +371,37 @@ class Trainer:
         self.log(f"step {e.step}: {e.reason}; rolled back to {ref.path.name} and skipping the data of "
                  f"steps {ref.step + 1}..{e.step} (rollback {self.rollbacks} of at most {MAX_ROLLBACKS})")
 
+    def _out_of_memory(self) -> None:
+        """A step ran out of memory before its update. Stop with the step, the peak measured and
+        the micro-batch to try (train.on_oom = stop), or halve the micro-batch, double the
+        accumulation (the global batch and its data stay the same) and redo the step from its
+        start (on_oom = halve; one rank only: ranks cannot agree on a retry after a failed
+        collective)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        t, step = self.tcfg, self.state.step + 1
+        micro = t.micro_batch_size
+        record = memory_record(self.device)
+        peak = record.get("max_memory_GiB", record.get("max_rss_GiB"))
+        measured = f"peak {peak:.1f} GiB" if peak is not None else "peak unknown"
+        if t.on_oom == "halve" and micro > 1 and self.world.size == 1:
+            t.micro_batch_size, self.accum = micro // 2, self.accum * 2
+            if t.micro_batch_size * self.accum != micro * (self.accum // 2):  # an odd micro-batch
+                t.micro_batch_size, self.accum = 1, self.global_batch
+            t.tokens_per_step = self.global_batch * self.seq_len
+            self.log(f"step {step}: out of memory at micro-batch {micro} ({measured}); redoing the step "
+                     f"with micro-batch {t.micro_batch_size} x {self.accum} accumulation (the same "
+                     f"{self.global_batch}-sequence batch)")
+            return
+        ref = ckpt.find_resumable(self.run_dir, warn=self.log)
+        where = f"the last checkpoint {ref.path.name} is intact" if ref else "no checkpoint was written yet"
+        fix = f"--micro-batch-size {max(1, micro // 2)}" if micro > 1 else "--activation-checkpointing"
+        resume = f" (continue with: {self.resume_hint})" if ref else ""
+        raise OutOfMemory(f"step {step}: out of memory at micro-batch {micro} ({measured}); {where}; "
+                          f"try {fix} or --on-oom halve{resume}")
+
     def _step(self) -> tuple[float, float]:
         t, model = self.tcfg, self.train_model
         lr = lr_at(self.state.step, t)
@@ -382,6 +422,7 @@ class Trainer:
                     loss = self.loss_fn(model, batch)
                 (loss / self.accum).backward()
             total += loss.detach()
+            fault_point("micro-step")
         mean_loss = total / self.accum
         if self.world.size > 1:
             dist.all_reduce(mean_loss, op=dist.ReduceOp.AVG)
