@@ -15,6 +15,11 @@ The terms, per rank, in bytes:
                   under bf16 autocast also the weights' bf16 copies, cached once per micro-batch
     logits/loss   `Transformer.output_loss` computes the [tokens, vocab] logits in fp32: the
                   log-softmax it keeps, and its gradient twice over while the backward pass runs
+    allocator     on a CPU, what glibc's heap costs beyond the tensors: it keeps what a step
+                  frees and fits the next step's tensors into it imperfectly, so a micro-batch's
+                  activations and logits take CPU_HEAP times their bytes in resident memory (as
+                  benchmarks/memory_plan.py measured it); nothing on a GPU, whose peak is counted
+                  in tensor bytes (torch.cuda.max_memory_allocated)
     runtime       what is resident before the model exists: on a CPU the process itself (Python,
                   torch, the tokenizer; measured), on a GPU the CUDA context (a fixed reserve)
 
@@ -37,6 +42,10 @@ from scion.errors import ScionError
 
 GiB = 2**30
 CUDA_CONTEXT = 1 * GiB  # the CUDA context and allocator slack: outside torch's own accounting
+# Resident bytes per byte of a micro-batch's tensors on a CPU: 1.2 to 1.5 measured on the tiny
+# preset (fp32 and bf16, with and without activation checkpointing, FSDP), and the issue's
+# tinyllama-1.1b bf16 micro-batch 1 run (23.85 GB peak) fits 1.35 within 1%.
+CPU_HEAP = 1.35
 MAX_MICRO_BATCH = 4096
 
 # Well-known devices and the memory a training process can use on each (GiB as nvidia-smi
@@ -123,6 +132,7 @@ class MemoryPlan:
     optimizer: float
     activations: float  # per micro-batch, bf16 weight copies included
     logits: float
+    allocator: float
     runtime: float
     total: float
     micro_batch: int
@@ -134,9 +144,10 @@ class MemoryPlan:
     trainable: int
     device_kind: str
 
-    TERMS = ("weights", "gradients", "optimizer", "activations", "logits", "runtime")
+    TERMS = ("weights", "gradients", "optimizer", "activations", "logits", "allocator", "runtime")
     LABELS = {"weights": "weights", "gradients": "gradients", "optimizer": "optimizer state (AdamW)",
-              "activations": "activations", "logits": "logits/loss", "runtime": "runtime"}
+              "activations": "activations", "logits": "logits/loss", "allocator": "allocator (CPU heap)",
+              "runtime": "runtime"}
 
     def largest(self) -> str:
         return max(self.TERMS, key=lambda t: getattr(self, t))
@@ -191,6 +202,7 @@ def plan_memory(
     if parallel == "fsdp":  # the root and the blocks gathered whole (one ahead), one block's gradients
         acts += (2 if bf16 and device_kind == "cuda" else 4) * (s.root_params + 3 * s.block_params)
     logits = tokens * logits_bytes_per_token(model)
+    allocator = (CPU_HEAP - 1) * (acts + logits) if device_kind == "cpu" else 0.0
 
     accum = max(1, (train.tokens_per_step or 0) // (tokens * ranks)) if train.tokens_per_step else 1
     # During a micro-batch's backward the gradients held are all of them once a step has
@@ -198,8 +210,8 @@ def plan_memory(
     held = grads if accum > 1 else 4 * (s.head_params or s.embed_params) / shard
     if runtime is None:
         runtime = resident_bytes() if device_kind == "cpu" else CUDA_CONTEXT
-    total = runtime + weights + optimizer + max(grads, acts + logits + held)
-    return MemoryPlan(weights, grads, optimizer, acts, logits, runtime, total, m, accum, ranks, parallel,
+    total = runtime + weights + optimizer + max(grads, acts + logits + allocator + held)
+    return MemoryPlan(weights, grads, optimizer, acts, logits, allocator, runtime, total, m, accum, ranks, parallel,
                       precision, train.activation_checkpointing, trainable, device_kind)
 
 
