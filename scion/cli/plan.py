@@ -24,7 +24,7 @@ def main(argv: list[str]) -> int:
     p = base_parser("scion plan", "The memory plan of a training run: per-rank peak, term by term." + EXAMPLES)
     add_config_flags(p)
     p.add_argument("--device", default=None, metavar="NAME",
-                   help=f"a named device instead of this machine: {', '.join(DEVICES)}")
+                   help=f"a named device instead of this machine's: {', '.join(DEVICES)}")
     p.add_argument("--ranks", type=int, default=1, help="ranks the run is spread over (one device each)")
     args, cfg = parse_config(p, argv)
 
@@ -67,10 +67,10 @@ def _device(name: str | None, precision: str) -> tuple[str, float | None, str, s
     from scion.train.device import resolve_device, resolve_precision
     from scion.train.memory import available_bytes, named_device
 
-    if name:
+    if name and name != "auto" and name.split(":")[0] not in ("cpu", "cuda", "mps"):
         kind, available = named_device(name)
         if precision == "auto":  # what --precision auto picks there: bf16 on GPUs, fp32 on a CPU without fast bf16
             precision = "bf16" if kind == "cuda" else "fp32"
         return kind, available, name, precision
-    device = resolve_device("auto")
+    device = resolve_device(name or "auto")  # this machine's (--device cpu, cuda:1: one of its own)
     return device.type, available_bytes(device), f"this machine ({device})", resolve_precision(precision, device)
