@@ -108,6 +108,8 @@ def test_gpu_check_dry_run(tmp_path):
     assert "mfu" in steps["throughput"]  # the CPU's measured peak is known
     assert steps["compiled_decoding"]["same_tokens"] is True
     assert results["ok"] is True
+    plan_rows = json.loads((tmp_path / "memory_plan.json").read_text())  # after the check, in gpu_check.sh
+    assert len(plan_rows) == 2 and all(r["plan"] > 0 and r["peak"] > 0 for r in plan_rows), plan_rows
 
 
 @pytest.mark.parametrize("name, precision, tf32, expected", [
