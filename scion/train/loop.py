@@ -387,9 +387,8 @@ class Trainer:
         peak = record.get("max_memory_GiB", record.get("max_rss_GiB"))
         measured = f"peak {peak:.1f} GiB" if peak is not None else "peak unknown"
         if t.on_oom == "halve" and micro > 1 and self.world.size == 1:
-            t.micro_batch_size, self.accum = micro // 2, self.accum * 2
-            if t.micro_batch_size * self.accum != micro * (self.accum // 2):  # an odd micro-batch
-                t.micro_batch_size, self.accum = 1, self.global_batch
+            half = micro // 2 if micro % 2 == 0 else 1  # an odd micro-batch splits only into ones
+            t.micro_batch_size, self.accum = half, micro * self.accum // half
             t.tokens_per_step = self.global_batch * self.seq_len
             self.log(f"step {step}: out of memory at micro-batch {micro} ({measured}); redoing the step "
                      f"with micro-batch {t.micro_batch_size} x {self.accum} accumulation (the same "
