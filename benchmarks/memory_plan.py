@@ -110,6 +110,7 @@ def main() -> None:
     ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
     ap.add_argument("--seq", type=int, default=0, help="sequence length (default: the preset's)")
     ap.add_argument("--no-fsdp", action="store_true", help="leave out the FSDP rows (2 gloo ranks)")
+    ap.add_argument("--ckpt", choices=["both", "no", "yes"], default="both", help="activation checkpointing rows")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None, help="also write the rows here")
@@ -128,7 +129,8 @@ def main() -> None:
     rows = []
     for name in args.presets:
         micros = args.micro or MICRO.get(name, (1, 2))
-        shapes = [(p, c, 1) for p in args.precisions for c in (False, True)]
+        ckpts = {"both": (False, True), "no": (False,), "yes": (True,)}[args.ckpt]
+        shapes = [(p, c, 1) for p in args.precisions for c in ckpts]
         if not args.no_fsdp:
             shapes.append(("fp32", False, 2))
         for precision, ckpt, ranks in shapes:
