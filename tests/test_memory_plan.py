@@ -57,8 +57,7 @@ def test_activations_grow_with_the_micro_batch_and_shrink_with_checkpointing():
     t = TrainConfig(micro_batch_size=4)
     one, two = (plan_memory(TINY, t, precision="fp32", micro_batch=m, runtime=0.0) for m in (1, 2))
     assert two.activations == 2 * one.activations and two.logits == 2 * one.logits
-    # Checkpointing keeps each block's input and recomputes one block at a time: a saving from a
-    # few blocks on (at two, the recomputed block and its gradients cost as much as both blocks).
+    # Checkpointing keeps each block's input and recomputes one block at a time.
     deep = dataclasses.replace(TINY, n_layer=8)
     full, ckpt_ = (plan_memory(deep, dataclasses.replace(t, activation_checkpointing=c), precision="fp32",
                                micro_batch=2, runtime=0.0) for c in (False, True))

@@ -11,8 +11,7 @@ The terms, per rank, in bytes:
     optimizer     AdamW's two fp32 moments per trainable parameter, sharded by FSDP
     activations   what the blocks keep for backward for one micro-batch (per token, counted as
                   benchmarks/saved_activations.py lists them, for scion's eager blocks), or only
-                  each block's input with activation checkpointing, plus the block recomputed and
-                  its backward's temporaries (as much again);
+                  each block's input with activation checkpointing, plus the block recomputed;
                   under bf16 autocast also the weights' bf16 copies, cached once per micro-batch
     logits/loss   `Transformer.output_loss` computes the [tokens, vocab] logits in fp32: the
                   log-softmax it keeps, and its gradient twice over while the backward pass runs
@@ -194,8 +193,8 @@ def plan_memory(
     optimizer = 8 * trainable / shard
 
     per_block = activation_bytes_per_token(model, precision)
-    if train.activation_checkpointing:  # each block's fp32 input; one block recomputed, and its gradients
-        acts = tokens * (model.n_layer * 4 * model.d_model + 2 * per_block)
+    if train.activation_checkpointing:  # each block's fp32 input, and one block recomputed
+        acts = tokens * (model.n_layer * 4 * model.d_model + per_block)
     else:
         acts = tokens * model.n_layer * per_block
     if bf16 and not (device_kind == "cuda" and parallel == "fsdp"):
