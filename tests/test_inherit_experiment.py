@@ -178,3 +178,30 @@ def test_protocol_seeds_growth_modes_and_baselines_at_the_final_depth(cache_dir,
         assert distil["seed"] == seed
     table = (out / "results.md").read_text()
     assert "val loss (mean ± sd, 2 seeds)" in table and " ± " in table.split("| random |")[1].splitlines()[0]
+
+
+@pytest.mark.parametrize("reference_steps, warned", [(1, True), (80, False)], ids=["short", "trained"])
+def test_the_precondition_is_checked_on_real_runs(cache_dir, corpus, tmp_path, reference_steps, warned):
+    """A reference trained one step loses to 2-layer scratch models trained 2T = 20 steps, and the
+    table says so first; one trained 80 steps beats them, and the table starts with T."""
+    from scion.experiments import Experiment, precondition_warning
+
+    cfg = experiment_from_dict({
+        "model": {"name": "r", "vocab_size": 512, "n_layer": 4, "n_head": 2, "n_kv_head": 1, "d_model": 32,
+                  "ffn_hidden": 64, "max_seq_len": 16},
+        "train": {"max_steps": 10, "micro_batch_size": 4, "warmup_steps": 2, "log_every": 10, "eval_every": 10,
+                  "eval_batches": 4, "sample_prompts": [], "checkpoint_every": 200, "device": "cpu",
+                  "precision": "fp32"},
+        "data": {"path": [str(corpus)], "val_fraction": 0.2},
+        "experiment": {"target_layers": 2, "grow": False, "reference_steps": reference_steps,
+                       "recipes": ["random-2x"]},
+    }, "test")
+    out = tmp_path / "exp"
+    rows = Experiment(out, cfg, progress=False).run()
+    warning = precondition_warning(rows)
+    table = (out / "results.md").read_text()
+    if warned:
+        assert warning.startswith("WARNING: the reference is undertrained: parity is not evidence")
+        assert table.startswith(f"**{warning}**")
+    else:
+        assert warning is None and table.startswith("T = 10 steps")

@@ -26,7 +26,7 @@ from pathlib import Path
 from scion.analysis.plots import plot_experiment
 from scion.config import ModelConfig, RunConfig
 from scion.errors import ScionError
-from scion.experiments.config import ExperimentConfig, experiment_to_dict
+from scion.experiments.config import ExperimentConfig, experiment_from_dict, experiment_to_dict
 from scion.experiments.recipes import RECIPES
 from scion.experiments.report import Row, chained, curve, train_curve, write_results
 from scion.inherit.init import InheritSpec, fresh, inherit, with_depth
@@ -215,13 +215,16 @@ class Experiment:
 
     def _check_or_save_config(self) -> None:
         f = self.out / "experiment.json"
-        now = experiment_to_dict(self.cfg)
+        now = json.loads(json.dumps(experiment_to_dict(self.cfg)))
         if f.exists():
-            saved = json.loads(f.read_text())
-            if saved != json.loads(json.dumps(now)):
+            # read back through the config class, so settings added since it was saved take their
+            # defaults rather than making the same experiment look like another one
+            saved = json.loads(json.dumps(experiment_to_dict(experiment_from_dict(json.loads(f.read_text()), str(f)))))
+            if saved != now:
+                changed = sorted(_differences(saved, now))
                 raise ScionError(
-                    f"{self.out}: holds an experiment with another config; choose another --out "
-                    f"(or delete {f} to reuse its finished runs)"
+                    f"{self.out}: holds an experiment with another config ({', '.join(changed[:4])} differ); choose "
+                    f"another --out (or delete {f} to reuse its finished runs)"
                 )
         elif self.env.world.main:
             f.write_text(json.dumps(now, indent=1))
@@ -247,3 +250,15 @@ class Experiment:
 
     def plot(self) -> list[Path]:
         return plot_experiment(self.rows, self.out)
+
+
+def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """The dotted names of the settings that differ between two config dicts."""
+    out = []
+    for key in sorted(set(a) | set(b)):
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += _differences(x, y, f"{prefix}{key}.")
+        elif x != y:
+            out.append(f"{prefix}{key}")
+    return out
