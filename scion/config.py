@@ -34,10 +34,24 @@ class ModelConfig:
     mlp: Literal["swiglu", "gelu"] = "swiglu"
     position: Literal["rope", "learned"] = "rope"
     rope_theta: float = 10000.0
+    # RoPE frequency scaling for long contexts, as transformers defines it: linear (positions / factor),
+    # dynamic (NTK: the base grows past rope_original_max_seq_len), llama3 (Llama 3.1+: long wavelengths
+    # divided by the factor, short ones kept, a smooth band between)
+    rope_scaling: Literal["none", "linear", "dynamic", "llama3"] = "none"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0  # llama3
+    rope_high_freq_factor: float = 4.0  # llama3
+    rope_original_max_seq_len: int = 0  # llama3 and dynamic: the context before scaling (0: max_seq_len)
     tie_embeddings: bool = False
     bias: bool = False  # biases on linear layers and LayerNorm (the original GPT-2 has them)
+    qkv_bias: bool = False  # biases on the q, k and v projections only (Qwen2)
+    qk_norm: bool = False  # RMSNorm over each head of the queries and keys, before RoPE (Qwen3)
+    sliding_window: int | None = None  # each token attends to itself and the window - 1 before it (Mistral)
     attn_scale_inverse_layer: bool = False  # GPT-2/Inheritune: logits also scaled by 1/(layer_idx+1)
     init_std: float = 0.02
+    # the Hugging Face architecture the model came from or is meant for (e.g. Qwen3ForCausalLM):
+    # `scion export` writes that family when the model fits it; None: the first family that fits
+    hf_architecture: str | None = None
 
     @property
     def kv_heads(self) -> int:
@@ -60,6 +74,10 @@ class ModelConfig:
             raise ScionError(f"model.d_model ({self.d_model}) must be divisible by model.n_head ({self.n_head})")
         if self.position == "rope" and self.dim_per_head % 2:
             raise ScionError(f"RoPE needs an even head dimension, got {self.dim_per_head}")
+        if self.rope_scaling != "none" and self.rope_factor <= 0:
+            raise ScionError(f"model.rope_factor must be positive with rope_scaling {self.rope_scaling}")
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            raise ScionError(f"model.sliding_window must be positive (or none), got {self.sliding_window}")
 
 
 @dataclass
@@ -211,6 +229,11 @@ def _llama(name: str, **kw: Any) -> ModelConfig:
     return ModelConfig(name=name, **kw)
 
 
+# Llama 3.1+ RoPE: the 8K context of pretraining stretched 32x (Llama 3.2's config.json)
+_LLAMA3_ROPE = dict(rope_scaling="llama3", rope_factor=32.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
+                    rope_original_max_seq_len=8192)
+
+
 def _gpt2(name: str, n_layer: int, n_head: int, d_model: int) -> ModelConfig:
     # Inheritune's GPT-2 variants: vocab 50304, no biases, no dropout, GELU, tied embeddings,
     # learned positions, LayerNorm, attention logits scaled by 1/(layer_idx+1).
@@ -237,6 +260,28 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
                             ffn_hidden=8640, max_seq_len=2048, norm_eps=1e-6),
     "llama2-7b": _llama("llama2-7b", vocab_size=32000, n_layer=32, n_head=32, d_model=4096,
                         ffn_hidden=11008, max_seq_len=4096),
+    # Today's small models (their config.json): `scion import` reads the weights, these are the shapes.
+    "llama3.2-1b": _llama("llama3.2-1b", vocab_size=128256, n_layer=16, n_head=32, n_kv_head=8, d_model=2048,
+                          ffn_hidden=8192, max_seq_len=131072, rope_theta=500000.0, tie_embeddings=True,
+                          **_LLAMA3_ROPE, hf_architecture="LlamaForCausalLM"),
+    "llama3.2-3b": _llama("llama3.2-3b", vocab_size=128256, n_layer=28, n_head=24, n_kv_head=8, d_model=3072,
+                          ffn_hidden=8192, max_seq_len=131072, rope_theta=500000.0, tie_embeddings=True,
+                          **_LLAMA3_ROPE, hf_architecture="LlamaForCausalLM"),
+    "qwen2.5-0.5b": _llama("qwen2.5-0.5b", vocab_size=151936, n_layer=24, n_head=14, n_kv_head=2, d_model=896,
+                           ffn_hidden=4864, max_seq_len=32768, norm_eps=1e-6, rope_theta=1e6, tie_embeddings=True,
+                           qkv_bias=True, hf_architecture="Qwen2ForCausalLM"),
+    "qwen3-0.6b": _llama("qwen3-0.6b", vocab_size=151936, n_layer=28, n_head=16, n_kv_head=8, d_model=1024,
+                         head_dim=128, ffn_hidden=3072, max_seq_len=40960, norm_eps=1e-6, rope_theta=1e6,
+                         tie_embeddings=True, qk_norm=True, hf_architecture="Qwen3ForCausalLM"),
+    "qwen3-1.7b": _llama("qwen3-1.7b", vocab_size=151936, n_layer=28, n_head=16, n_kv_head=8, d_model=2048,
+                         head_dim=128, ffn_hidden=6144, max_seq_len=40960, norm_eps=1e-6, rope_theta=1e6,
+                         tie_embeddings=True, qk_norm=True, hf_architecture="Qwen3ForCausalLM"),
+    "smollm2-360m": _llama("smollm2-360m", vocab_size=49152, n_layer=32, n_head=15, n_kv_head=5, d_model=960,
+                           ffn_hidden=2560, max_seq_len=8192, rope_theta=100000.0, tie_embeddings=True,
+                           hf_architecture="LlamaForCausalLM"),
+    "mistral-7b": _llama("mistral-7b", vocab_size=32000, n_layer=32, n_head=32, n_kv_head=8, d_model=4096,
+                         ffn_hidden=14336, max_seq_len=32768, sliding_window=4096,
+                         hf_architecture="MistralForCausalLM"),
     "gpt2-medium": _gpt2("gpt2-medium", 24, 16, 1024),
     "gpt2-large": _gpt2("gpt2-large", 36, 20, 1280),
     "gpt2-xl": _gpt2("gpt2-xl", 48, 25, 1600),
@@ -300,6 +345,19 @@ def from_dict(values: dict[str, Any], where: str = "config") -> RunConfig:
         )
     except TypeError as e:
         raise ScionError(f"{where}: {e}") from e
+
+
+def same_model(saved: dict[str, Any] | None, cfg: ModelConfig | dict[str, Any]) -> bool:
+    """Whether a model config saved in a checkpoint describes `cfg`. Settings added to ModelConfig
+    since the checkpoint was written take their defaults, so older checkpoints still match."""
+    if not isinstance(saved, dict):
+        return False
+    current = cfg if isinstance(cfg, dict) else dataclasses.asdict(cfg)
+    try:
+        return dataclasses.asdict(_fill(ModelConfig, saved, "checkpoint")) == {**dataclasses.asdict(ModelConfig()),
+                                                                               **current}
+    except (ScionError, TypeError):
+        return False
 
 
 def load_yaml(path: str | Path, base: RunConfig | None = None) -> RunConfig:

@@ -43,10 +43,34 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
     return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
 
 
-def rope_tables(cfg: ModelConfig, seq_len: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_frequencies(cfg: ModelConfig, context: int, device=None) -> torch.Tensor:
+    """The rotary inverse frequencies [head_dim / 2], with `cfg.rope_scaling` applied as
+    transformers applies it; `context` is the sequence length, which only dynamic scaling uses."""
+    hd, base = cfg.dim_per_head, cfg.rope_theta
+    original = cfg.rope_original_max_seq_len or cfg.max_seq_len
+    if cfg.rope_scaling == "dynamic" and context > original:  # NTK: a larger base past the original context
+        f = cfg.rope_factor
+        base = base * ((f * context / original) - (f - 1)) ** (hd / (hd - 2))
+    inv_freq = 1.0 / (base ** (torch.arange(0, hd, 2, device=device, dtype=torch.float32) / hd))
+    if cfg.rope_scaling == "linear":
+        inv_freq = inv_freq / cfg.rope_factor
+    elif cfg.rope_scaling == "llama3":
+        # Wavelengths longer than original/low_freq_factor are stretched by the factor, shorter than
+        # original/high_freq_factor kept, and the band between interpolated smoothly.
+        f, low, high = cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > original / low, inv_freq / f, inv_freq)
+        smooth = (original / wavelen - low) / (high - low)
+        blended = (1 - smooth) * scaled / f + smooth * scaled
+        medium = (wavelen >= original / high) & (wavelen <= original / low)
+        inv_freq = torch.where(medium, blended, scaled)
+    return inv_freq
+
+
+def rope_tables(cfg: ModelConfig, seq_len: int, device=None, context: int | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of shape [seq_len, head_dim], in the half-split layout that HF Llama uses."""
-    hd = cfg.dim_per_head
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, device=device, dtype=torch.float32) / hd))
+    inv_freq = rope_frequencies(cfg, context or seq_len, device)
     angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos(), angles.sin()
@@ -87,10 +111,16 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.dim_per_head
-        self.q_proj = nn.Linear(cfg.d_model, self.n_head * self.head_dim, bias=cfg.bias)
-        self.k_proj = nn.Linear(cfg.d_model, self.n_kv_head * self.head_dim, bias=cfg.bias)
-        self.v_proj = nn.Linear(cfg.d_model, self.n_kv_head * self.head_dim, bias=cfg.bias)
+        qkv_bias = cfg.bias or cfg.qkv_bias
+        self.q_proj = nn.Linear(cfg.d_model, self.n_head * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(cfg.d_model, self.n_kv_head * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(cfg.d_model, self.n_kv_head * self.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.d_model, bias=cfg.bias)
+        if cfg.qk_norm:
+            self.q_norm = nn.RMSNorm(self.head_dim, eps=cfg.norm_eps)
+            self.k_norm = nn.RMSNorm(self.head_dim, eps=cfg.norm_eps)
+        self.qk_norm = cfg.qk_norm
+        self.window = cfg.sliding_window
         self.scale = 1.0 / math.sqrt(self.head_dim)
         if cfg.attn_scale_inverse_layer:
             self.scale /= layer_idx + 1
@@ -102,6 +132,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         if self.use_rope:
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -117,6 +149,8 @@ class Attention(nn.Module):
                 mask = torch.arange(k.size(2), device=x.device) <= pos[:, None]
             elif T > 1:
                 mask = torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(diagonal=pos)
+        if self.window is not None and k.size(2) > self.window:
+            mask, causal = self._windowed(mask, causal, pos, T, k.size(2), x.device), False
 
         if self.observer is not None:
             y = self._attend_explicitly(q, k, v, mask, causal)
@@ -126,6 +160,18 @@ class Attention(nn.Module):
                 enable_gqa=self.n_kv_head != self.n_head,
             )
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+    def _windowed(self, mask, causal, pos, T: int, S: int, device):
+        """The mask with the sliding window applied: query i (at absolute position p_i) sees key j
+        only when p_i - window < j <= p_i, as transformers' Mistral masks it."""
+        if isinstance(pos, torch.Tensor):
+            query_pos = pos[:, None]
+        else:
+            query_pos = torch.arange(S - T, S, device=device)[:, None] if causal else \
+                torch.arange(pos, pos + T, device=device)[:, None]
+        keys = torch.arange(S, device=device)
+        window = (keys > query_pos - self.window) & (keys <= query_pos)
+        return window if mask is None else mask & window
 
     def _attend_explicitly(self, q, k, v, mask, causal):
         """The same attention with the probabilities materialised, for the observer to inspect."""
@@ -185,7 +231,7 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed.weight
         self.kv_caches: list[KVCache] | None = None
         if cfg.position == "rope":
-            cos, sin = rope_tables(cfg, cfg.max_seq_len)
+            cos, sin = rope_tables(cfg, cfg.max_seq_len, context=_unscaled_context(cfg))
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
 
@@ -219,7 +265,8 @@ class Transformer(nn.Module):
     def init_buffers(self) -> None:
         """The tables that are computed, not learned (not in checkpoints), on the weights' device."""
         if self.cfg.position == "rope":
-            self.rope_cos, self.rope_sin = rope_tables(self.cfg, self.cfg.max_seq_len, self.embed.weight.device)
+            self.rope_cos, self.rope_sin = rope_tables(self.cfg, self.cfg.max_seq_len, self.embed.weight.device,
+                                                       context=_unscaled_context(self.cfg))
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
@@ -257,9 +304,11 @@ class Transformer(nn.Module):
             x = x + self.pos_embed(positions)
             rope = None
         elif positions is None:  # contiguous positions: a view of the tables, no gather
-            rope = (self.rope_cos[pos:pos + T].to(x.dtype), self.rope_sin[pos:pos + T].to(x.dtype))
+            cos, sin = self._rope_for(pos + T)
+            rope = (cos[pos:pos + T].to(x.dtype), sin[pos:pos + T].to(x.dtype))
         else:
-            rope = (self.rope_cos[positions].to(x.dtype), self.rope_sin[positions].to(x.dtype))
+            cos, sin = self._rope_for(int(positions.max()) + 1 if self.cfg.rope_scaling == "dynamic" else 0)
+            rope = (cos[positions].to(x.dtype), sin[positions].to(x.dtype))
             if positions.dim() == 2:  # one row of positions per sequence: broadcast over heads
                 rope = (rope[0][:, None], rope[1][:, None])
         for i, block in enumerate(self.blocks):
@@ -268,6 +317,13 @@ class Transformer(nn.Module):
         if targets is None:
             return self.lm_head(self.norm(x))
         return self.output_loss(x, targets)
+
+    def _rope_for(self, context: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotary tables for a sequence of `context` tokens: the cached ones, except past the
+        original context with dynamic scaling, whose frequencies depend on the length."""
+        if self.cfg.rope_scaling == "dynamic" and context > _unscaled_context(self.cfg):
+            return rope_tables(self.cfg, self.cfg.max_seq_len, self.rope_cos.device, context=context)
+        return self.rope_cos, self.rope_sin
 
     def output_loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy of the last block's output `h` against `targets` (-100 ignored):
@@ -287,6 +343,13 @@ class Transformer(nn.Module):
 
     def clear_kv_cache(self) -> None:
         self.kv_caches = None
+
+
+def _unscaled_context(cfg: ModelConfig) -> int:
+    """The length up to which dynamic scaling leaves RoPE as it is (other kinds ignore it)."""
+    if cfg.rope_scaling == "dynamic":
+        return cfg.rope_original_max_seq_len or cfg.max_seq_len
+    return cfg.max_seq_len
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:

@@ -376,6 +376,16 @@ def test_half_width_rounds_an_odd_head_count_up():
     assert (mqa.n_head, mqa.kv_heads) == (3, 1)
 
 
+def test_half_width_of_a_qwen_style_model_keeps_per_head_norms_and_qkv_biases():
+    cfg = dataclasses.replace(LLAMA, qk_norm=True, qkv_bias=True, tie_embeddings=True)
+    ref = trained_like(cfg)
+    half = half_width(ref, seed=0)
+    for a, b in zip(half.blocks, ref.blocks, strict=True):
+        assert torch.equal(a.attn.q_norm.weight, b.attn.q_norm.weight)
+        assert torch.equal(a.attn.k_proj.bias, b.attn.k_proj.bias[: a.attn.k_proj.bias.numel()])
+    half(torch.randint(0, cfg.vocab_size, (1, 5)))
+
+
 @pytest.mark.parametrize("heads", [(5, None), (6, 3)], ids=["mha-odd", "gqa-odd-kv"])
 def test_half_width_with_odd_heads_is_the_leading_corner(heads):
     n_head, n_kv = heads

@@ -221,9 +221,9 @@ def test_unsupported_architecture_is_refused(tmp_path, run_scion):
 def test_unimplemented_rope_scaling_is_refused(tmp_path):
     hf_llama(tmp_path / "hf", tokenizer())
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
-    config["rope_parameters"] = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
+    config["rope_parameters"] = {"rope_type": "longrope", "factor": 2.0, "rope_theta": 10000.0}
     (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ScionError, match="RoPE scaling 'linear' is not implemented"):
+    with pytest.raises(ScionError, match="RoPE scaling 'longrope' .* is not implemented"):
         load_hf(tmp_path / "hf")
 
 
@@ -275,7 +275,7 @@ def test_unrepresentable_model_is_refused_with_the_reason(tmp_path):
     with pytest.raises(ScionError) as info:
         export_hf(run, tmp_path / "out")
     message = str(info.value)
-    assert "neither as Llama nor as GPT-2" in message
+    assert "representable in none of the Hugging Face families" in message
     assert "mlp='gelu'" in message and "norm='rmsnorm'" in message
     assert not (tmp_path / "out").exists()
 

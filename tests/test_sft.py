@@ -14,7 +14,7 @@ from scion.sft.batches import Example, SFTBatches, attention_mask, collate, make
 from scion.sft.chat import ChatSession
 from scion.sft.lora import apply_lora, merged_model
 from scion.sft.records import read_records
-from scion.sft.template import BUILTIN, IGNORE, encode_chat, prompt_ids, render, resolve_template
+from scion.sft.template import BUILTIN, IGNORE, SPECIAL, encode_chat, prompt_ids, render, resolve_template
 from scion.sft.vocab import fit_embeddings, with_chat_tokens
 from scion.tokenizer import train_bpe
 
@@ -104,6 +104,76 @@ def test_template_matches_transformers(tokenizer, tmp_path):
     )
 
 
+# The templates as the models ship them in tokenizer_config.json (the tool-calling branches left
+# out): no generation marks. MARK turns each into the marked template transformers needs for
+# `return_assistant_tokens_mask`, the reference scion's unmarked labels must equal.
+QWEN25 = (
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- else %}"
+    "{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if (message.role == 'user') or (message.role == 'system' and not loop.first) %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}"
+    "{%- elif message.role == 'assistant' %}"
+    "{{- '<|im_start|>' + message.role + '\\n' }}@{{- message.content + '<|im_end|>' }}#{{- '\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+LLAMA3 = (
+    "{{- bos_token }}"
+    "{%- if strftime_now is defined %}{%- set date_string = strftime_now('%d %b %Y') %}"
+    "{%- else %}{%- set date_string = '26 Jul 2024' %}{%- endif %}"
+    "{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content']|trim %}"
+    "{%- set messages = messages[1:] %}{%- else %}{%- set system_message = '' %}{%- endif %}"
+    "{{- '<|start_header_id|>system<|end_header_id|>\\n\\n' }}"
+    "{{- 'Cutting Knowledge Date: December 2023\\n' }}{{- 'Today Date: ' + date_string + '\\n\\n' }}"
+    "{{- system_message }}{{- '<|eot_id|>' }}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'assistant' %}"
+    "{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
+    "@{{- message['content'] | trim + '<|eot_id|>' }}#"
+    "{%- else %}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}"
+    "{{- message['content'] | trim + '<|eot_id|>' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+)
+
+
+@pytest.mark.parametrize("family", ["qwen2.5", "llama3"])
+def test_a_models_own_unmarked_template_labels_its_assistant_turns_as_transformers_masks_them(family, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from scion.sft.template import template_of
+
+    source = {"qwen2.5": QWEN25, "llama3": LLAMA3}[family]
+    shipped = source.replace("@", "").replace("#", "")
+    marked = source.replace("@", "{% generation %}").replace("#", "{% endgeneration %}")
+    texts = ["What colour is the sky? Blue. And grass? Green, mostly in spring. You answer in one word."] * 20
+    base = train_bpe(iter(texts), 300)
+    special = ("<|begin_of_text|>",) if family == "llama3" else ()
+    tok = with_chat_tokens(base, special + tuple(dict.fromkeys(SPECIAL.findall(shipped))), shipped)
+    if family == "llama3":
+        tok = type(tok)(tok.backend, tok.eos_token, "<|begin_of_text|>", chat_template=shipped)
+    template = template_of(tok)
+    assert not template.marks_generation
+    ids, labels = encode_chat(template, CONVERSATION, tok)
+
+    tok.save(tmp_path / "shipped")
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "shipped"))
+    assert list(hf.apply_chat_template(CONVERSATION, tokenize=True, return_dict=True)["input_ids"]) == ids
+    prompt = hf.apply_chat_template(CONVERSATION[:2], tokenize=True, add_generation_prompt=True, return_dict=True)
+    assert list(prompt["input_ids"]) == prompt_ids(template, CONVERSATION[:2], tok)
+    masks = hf.apply_chat_template(CONVERSATION, tokenize=True, return_dict=True, chat_template=marked,
+                                   return_assistant_tokens_mask=True)["assistant_masks"]
+    assert [bool(m) for m in masks] == [label != IGNORE for label in labels]
+    assert sum(label != IGNORE for label in labels) > 4  # both answers and their end-of-turn tokens
+    assert template.stop_token == ("<|eot_id|>" if family == "llama3" else "<|im_end|>")
+
+
 def test_unknown_template_and_template_files(tokenizer, tmp_path):
     with pytest.raises(ScionError, match="unknown chat template 'vicuna'"):
         resolve_template("vicuna", tokenizer)
@@ -111,10 +181,17 @@ def test_unknown_template_and_template_files(tokenizer, tmp_path):
     plain.write_text("{% for m in messages %}<|turn|>{{ m['content'] }}{% endfor %}")
     template = resolve_template(str(plain), tokenizer)
     assert template.special_tokens == ("<|turn|>",)
+    # No generation marks: the assistant turns are found by rendering the conversation up to each
+    # (this template has no generation prompt, so a turn includes its marker).
+    tok = with_chat_tokens(tokenizer, template.special_tokens, template.source)
+    ids, labels = encode_chat(template, CONVERSATION, tok)
+    assert tok.decode([i for i, label in zip(ids, labels, strict=True) if label != IGNORE]) == \
+        "<|turn|>Blue.<|turn|>Green, mostly\nin spring."
+    # A template that rewrites what it rendered before (here: a count of the turns up front) cannot.
+    counting = tmp_path / "counting.jinja"
+    counting.write_text("{{ messages|length }}{% for m in messages %}<|turn|>{{ m['content'] }}{% endfor %}")
     with pytest.raises(ScionError, match="--train-on all"):
-        encode_chat(
-            template, CONVERSATION, with_chat_tokens(tokenizer, template.special_tokens, template.source)
-        )
+        encode_chat(resolve_template(str(counting), tokenizer), CONVERSATION, tok)
     broken = tmp_path / "broken.jinja"
     broken.write_text("{% for m in messages %}")
     with pytest.raises(ScionError, match="not a valid Jinja template"):

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from scion.config import same_model
 from scion.errors import ScionError
 
 EXAMPLES = """
@@ -39,7 +40,7 @@ def check_checkpoint(folder: Path, model_config: dict | None) -> str | None:
             state = json.loads((folder / layout.TRAINER).read_text())
         except (ValueError, UnicodeDecodeError):
             return "trainer.json is not valid JSON"
-        if model_config is not None and state.get("model") not in (None, model_config):
+        if model_config is not None and state.get("model") is not None and not same_model(state["model"], model_config):
             return "saved for another model architecture than the run's config.yaml"
     if layout.is_sharded_checkpoint(folder):  # the shards of an FSDP checkpoint
         from scion.checkpoint.safe_dcp import load_metadata

@@ -361,8 +361,10 @@ def half_width_slices(cfg: ModelConfig) -> dict[str, tuple[slice, ...]]:
             rows["mlp.gate_proj"], cols["mlp.gate_proj"] = f, d
         for name in rows:
             out[p + name + ".weight"] = (rows[name], cols[name])
-            if cfg.bias:
+            if cfg.bias or (cfg.qkv_bias and name in ("attn.q_proj", "attn.k_proj", "attn.v_proj")):
                 out[p + name + ".bias"] = (rows[name],)
+        if cfg.qk_norm:  # over one head, whose size half width keeps
+            out[p + "attn.q_norm.weight"] = out[p + "attn.k_norm.weight"] = (slice(None),)
         for norm in ("attn_norm", "mlp_norm"):
             out[p + norm + ".weight"] = (d,)
             if cfg.norm == "layernorm" and cfg.bias:

@@ -21,7 +21,7 @@ import torch
 
 from scion.config import ModelConfig
 from scion.errors import ScionError
-from scion.model import Transformer, rope_tables
+from scion.model import Transformer
 
 Pairs = Iterator[tuple[str, torch.Tensor]]  # (name, tensor) pairs, one at a time
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -150,8 +150,7 @@ def empty_model(cfg: ModelConfig, dtype: torch.dtype = torch.float32, device="cp
     model.to_empty(device=device)
     if cfg.tie_embeddings:  # materialising unties shared parameters
         model.lm_head.weight = model.embed.weight
-    if cfg.position == "rope":
-        model.rope_cos, model.rope_sin = rope_tables(cfg, cfg.max_seq_len, device)
+    model.init_buffers()
     return model.eval()
 
 

@@ -23,13 +23,13 @@ from scion.interop import common
 from scion.interop.common import DTYPES, Adapter, empty_model, fill, read_config
 from scion.interop.gpt2 import GPT2Adapter
 from scion.interop.hub import resolve_source
-from scion.interop.llama import LlamaAdapter
+from scion.interop.llama import LlamaAdapter, MistralAdapter, Qwen2Adapter, Qwen3Adapter
 from scion.model import Transformer
 from scion.run import is_scion_source, load_model, prepare_run_dir
 from scion.source import load_source
 from scion.tokenizer import Tokenizer, load_tokenizer
 
-ADAPTERS: list[Adapter] = [LlamaAdapter(), GPT2Adapter()]
+ADAPTERS: list[Adapter] = [LlamaAdapter(), Qwen2Adapter(), Qwen3Adapter(), MistralAdapter(), GPT2Adapter()]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 MAX_SHARD_BYTES = 5 * 1024**3
 
@@ -42,6 +42,20 @@ def adapter_for(hf: dict, where: str) -> Adapter:
     found = ", ".join(archs) if archs else f"model_type {hf.get('model_type')!r}"
     supported = ", ".join(a.architecture for a in ADAPTERS)
     raise ScionError(f"{where}: {found} is not a supported architecture; scion converts {supported}")
+
+
+def family_for(cfg: ModelConfig, where: str) -> Adapter:
+    """The family a model exports as: the one it came from (`hf_architecture`) when it still
+    fits, else the first that represents it exactly."""
+    preferred = sorted(ADAPTERS, key=lambda a: a.architecture != cfg.hf_architecture)
+    reasons = {}
+    for adapter in preferred:
+        reasons[adapter.architecture] = adapter.why_not(cfg)
+        if reasons[adapter.architecture] is None:
+            return adapter
+    detail = "; ".join(f"not {arch}: {why}" for arch, why in reasons.items())
+    raise ScionError(f"{where}: this model is representable in none of the Hugging Face families scion writes "
+                     f"({detail})")
 
 
 def resolve_dtype(name: str | None, hf: dict) -> torch.dtype:
@@ -137,14 +151,7 @@ def export_hf(run: str | Path, out: str | Path, checkpoint: str | None = None, o
         raise ScionError(f"{run}: the run has no tokenizer/ folder; an exported model needs its tokenizer")
     tok = loaded.tokenizer
     check_vocab(tok, cfg, str(Path(run) / "tokenizer"))
-    reasons = {}
-    for adapter in ADAPTERS:
-        reasons[adapter.architecture] = adapter.why_not(cfg)
-        if reasons[adapter.architecture] is None:
-            break
-    else:
-        detail = "; ".join(f"not {arch}: {why}" for arch, why in reasons.items())
-        raise ScionError(f"{run}: this model is representable neither as Llama nor as GPT-2 ({detail})")
+    adapter = family_for(cfg, str(run))
 
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

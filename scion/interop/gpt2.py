@@ -107,7 +107,8 @@ class GPT2Adapter:
     def why_not(self, cfg: ModelConfig) -> str | None:
         wrong = [f"{field}={getattr(cfg, field)!r} (GPT-2 has {want!r})"
                  for field, want in (("norm", "layernorm"), ("mlp", "gelu"), ("position", "learned"),
-                                     ("tie_embeddings", True))
+                                     ("tie_embeddings", True), ("qkv_bias", False), ("qk_norm", False),
+                                     ("sliding_window", None))
                  if getattr(cfg, field) != want]
         if cfg.kv_heads != cfg.n_head:
             wrong.append(f"n_kv_head={cfg.kv_heads} (GPT-2 has no grouped-query attention)")

@@ -4,7 +4,9 @@ the ids scion trained on.
 
 A template marks what the model must learn to write with `{% generation %} ... {% endgeneration %}`
 (the convention `transformers` uses for `return_assistant_tokens_mask`). Rendering records the
-character spans of those blocks; `encode_chat` turns them into per-token labels.
+character spans of those blocks; `encode_chat` turns them into per-token labels. Templates as
+models ship them (Qwen's, Llama 3's) carry no such marks: there an assistant turn is the text
+between the conversation rendered up to it with the generation prompt and rendered through it.
 """
 
 from __future__ import annotations
@@ -70,6 +72,7 @@ BUILTIN = {
 }
 
 SPECIAL = re.compile(r"<\|[A-Za-z0-9_]+\|>")
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>")  # ChatML and Qwen, Llama 3, Phi
 
 
 def resolve_template(name: str | None, tokenizer: Tokenizer, stop_token: str | None = None) -> ChatTemplate:
@@ -105,7 +108,8 @@ def template_of(tokenizer: Tokenizer) -> ChatTemplate:
         if builtin.source == source:
             return builtin
     tokens = tuple(dict.fromkeys(SPECIAL.findall(source)))
-    return ChatTemplate("custom", source, tokens, "<|im_end|>" if "<|im_end|>" in tokens else None)
+    stop = next((t for t in END_OF_TURN if t in tokens), None)
+    return ChatTemplate("custom", source, tokens, stop)
 
 
 # ---- rendering -----------------------------------------------------------------------------
@@ -145,6 +149,11 @@ def compile_template(source: str, where: str = "chat template"):
     def raise_exception(message):
         raise jinja2.exceptions.TemplateError(message)
 
+    def strftime_now(fmt: str) -> str:  # Llama 3's template dates its system turn, as transformers renders it
+        from datetime import datetime
+
+        return datetime.now().strftime(fmt)
+
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
         return json.dumps(
             x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
@@ -155,6 +164,7 @@ def compile_template(source: str, where: str = "chat template"):
     )
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = strftime_now
     try:
         return env.from_string(source)
     except jinja2.TemplateSyntaxError as e:
@@ -198,11 +208,7 @@ def encode_chat(
     if train_on == "all":
         return ids, list(ids)
     if not template.marks_generation:
-        raise ScionError(
-            f"chat template {template.name!r} does not mark the assistant's text with "
-            "{% generation %}...{% endgeneration %}, so the loss cannot be restricted to it; "
-            "add those markers or train on everything with --train-on all"
-        )
+        spans = assistant_spans(template, messages, tokenizer, text)
     labels = [IGNORE] * len(ids)
     span = 0
     for i, (start, _) in enumerate(encoding.offsets):
@@ -211,6 +217,29 @@ def encode_chat(
         if span < len(spans) and spans[span][0] <= start < spans[span][1]:
             labels[i] = ids[i]
     return ids, labels
+
+
+def assistant_spans(template: ChatTemplate, messages: list[dict], tokenizer: Tokenizer,
+                    text: str) -> list[tuple[int, int]]:
+    """The character spans of the assistant turns in `text` for a template without generation
+    marks: each turn runs from the end of the conversation before it rendered with the generation
+    prompt to the end of the conversation through it, trailing whitespace left out (what the model
+    writes ends with the turn's end token). Needs a template whose renderings extend one another,
+    as chat templates do; one that rewrites earlier turns is refused."""
+    spans = []
+    for i, message in enumerate(messages):
+        if message.get("role") != "assistant":
+            continue
+        before, _ = render(template, messages[:i], tokenizer, add_generation_prompt=True)
+        through, _ = render(template, messages[: i + 1], tokenizer)
+        if not (through.startswith(before) and text.startswith(through)):
+            raise ScionError(
+                f"chat template {template.name!r} renders a conversation differently from its beginning, so its "
+                "assistant turns cannot be found; mark them with {% generation %}...{% endgeneration %} or train "
+                "on everything with --train-on all"
+            )
+        spans.append((len(before), len(through.rstrip())))
+    return spans
 
 
 def prompt_ids(template: ChatTemplate, messages: list[dict], tokenizer: Tokenizer) -> list[int]:

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from scion import checkpoint as ckpt
 from scion.checkpoint import FullStateIO
-from scion.config import RunConfig, parse_duration
+from scion.config import RunConfig, parse_duration, same_model
 from scion.errors import ScionError
 from scion.faults import fault_point
 from scion.generate import generate
@@ -250,7 +250,7 @@ class Trainer:
 
     def resume(self, ref: ckpt.CheckpointRef, reset_optimizer: bool = False) -> None:
         saved = ckpt.load_trainer_state(ref.path)
-        if saved.get("model") != asdict(self.cfg.model):
+        if not same_model(saved.get("model"), self.cfg.model):
             raise ScionError(
                 f"{ref.path}: this checkpoint is of another model architecture than the run's config; "
                 "resume with the config it was trained with"
