@@ -184,3 +184,16 @@ def test_shipped_configs_match_the_published_models(name, params):
     with torch.device("meta"):
         assert Transformer(cfg.model).num_params() == params
     assert cfg.model == preset(name).model
+
+
+def test_a_checkpoint_saved_before_a_model_setting_existed_still_matches():
+    from dataclasses import asdict
+
+    from scion.config import same_model
+
+    cfg = ModelConfig(n_layer=2)
+    saved = {k: v for k, v in asdict(cfg).items() if k not in ("qk_norm", "sliding_window", "hf_architecture")}
+    assert same_model(saved, cfg) and same_model(asdict(cfg), cfg)
+    assert not same_model({**saved, "n_layer": 3}, cfg)
+    assert not same_model({**saved, "colour": 1}, cfg) and not same_model(None, cfg)
+    assert not same_model(saved, ModelConfig(n_layer=2, qk_norm=True))
