@@ -136,23 +136,29 @@ def test_tiny_experiment_end_to_end(run_scion, corpus, tmp_path):
     assert stacking["stage1_steps"] == 1
 
 
+def tiny_experiment(corpus, train: dict, experiment: dict):
+    """A 4-layer reference of d_model 32 on the test corpus, 2-layer targets, in fp32 on the CPU."""
+    return experiment_from_dict({
+        "model": {"name": "r", "vocab_size": 512, "n_layer": 4, "n_head": 2, "n_kv_head": 1, "d_model": 32,
+                  "ffn_hidden": 64, "max_seq_len": 16},
+        "train": {"warmup_steps": 1, "log_every": 1, "sample_prompts": [], "device": "cpu", "precision": "fp32",
+                  **train},
+        "data": {"path": [str(corpus)], "val_fraction": 0.2},
+        "experiment": {"target_layers": 2, **experiment},
+    }, "test")
+
+
 def test_protocol_seeds_growth_modes_and_baselines_at_the_final_depth(cache_dir, corpus, tmp_path):
     """Every same-size baseline is built at the depth Inheritune's (restart) growth ended at,
     random-2x also at the starting depth when that differs, both growth modes run side by side,
     the KD budget is its own, and each recipe runs once per seed with the mean and spread shown."""
     from scion.experiments import Experiment
 
-    cfg = experiment_from_dict({
-        "model": {"name": "r", "vocab_size": 512, "n_layer": 4, "n_head": 2, "n_kv_head": 1, "d_model": 32,
-                  "ffn_hidden": 64, "max_seq_len": 16},
-        "train": {"max_steps": 2, "micro_batch_size": 2, "warmup_steps": 1, "log_every": 1, "eval_every": 1,
-                  "eval_batches": 2, "sample_prompts": [], "checkpoint_every": 2, "device": "cpu",
-                  "precision": "fp32"},
-        "data": {"path": [str(corpus)], "val_fraction": 0.2},
-        "experiment": {"target_layers": 2, "grow_mode": "both", "seeds": 2, "reference_steps": 3,
-                       "recipes": ["inheritune", "random", "random-2x", "kd", "distilbert"],
-                       "distill": {"steps": 3, "tokens_per_step": 2 * 2 * 16}},
-    }, "test")
+    cfg = tiny_experiment(corpus, {"max_steps": 2, "micro_batch_size": 2, "eval_every": 1, "eval_batches": 2,
+                                   "checkpoint_every": 2},
+                          {"grow_mode": "both", "seeds": 2, "reference_steps": 3,
+                           "recipes": ["inheritune", "random", "random-2x", "kd", "distilbert"],
+                           "distill": {"steps": 3, "tokens_per_step": 2 * 2 * 16}})
     out = tmp_path / "exp"
     rows = Experiment(out, cfg, progress=False).run()
 
@@ -186,16 +192,9 @@ def test_the_precondition_is_checked_on_real_runs(cache_dir, corpus, tmp_path, r
     table says so first; one trained 80 steps beats them, and the table starts with T."""
     from scion.experiments import Experiment, precondition_warning
 
-    cfg = experiment_from_dict({
-        "model": {"name": "r", "vocab_size": 512, "n_layer": 4, "n_head": 2, "n_kv_head": 1, "d_model": 32,
-                  "ffn_hidden": 64, "max_seq_len": 16},
-        "train": {"max_steps": 10, "micro_batch_size": 4, "warmup_steps": 2, "log_every": 10, "eval_every": 10,
-                  "eval_batches": 4, "sample_prompts": [], "checkpoint_every": 200, "device": "cpu",
-                  "precision": "fp32"},
-        "data": {"path": [str(corpus)], "val_fraction": 0.2},
-        "experiment": {"target_layers": 2, "grow": False, "reference_steps": reference_steps,
-                       "recipes": ["random-2x"]},
-    }, "test")
+    cfg = tiny_experiment(corpus, {"max_steps": 10, "micro_batch_size": 4, "warmup_steps": 2, "eval_every": 10,
+                                   "eval_batches": 4, "checkpoint_every": 200},
+                          {"grow": False, "reference_steps": reference_steps, "recipes": ["random-2x"]})
     out = tmp_path / "exp"
     rows = Experiment(out, cfg, progress=False).run()
     warning = precondition_warning(rows)

@@ -214,7 +214,6 @@ class Qwen2Adapter(LlamaAdapter):
         sliding_window_of(hf, where)
         return {"qkv_bias": True}
 
-
     def family_hf(self, cfg):
         return {"use_sliding_window": False}
 
@@ -234,7 +233,6 @@ class Qwen3Adapter(LlamaAdapter):
             raise ScionError(f"{where}: attention_bias=true (biases on q, k, v and o) is not supported for Qwen3")
         return {"qk_norm": True}
 
-
     def family_hf(self, cfg):
         return {"use_sliding_window": False, "attention_bias": False}
 
@@ -251,7 +249,6 @@ class MistralAdapter(LlamaAdapter):
     def family_fields(self, hf, where):
         window = hf.get("sliding_window")
         return {"sliding_window": int(window) if window else None}
-
 
     def family_hf(self, cfg):
         return {"sliding_window": cfg.sliding_window}
