@@ -328,20 +328,25 @@ def test_without_tokens_per_step_a_resumed_run_keeps_its_global_batch(tmp_path):
 
 
 
-def tied_or_not(parallel: str, tied: bool) -> RunConfig:
+# The model switches of today's families, sharded like any other weight: Qwen's q/k/v biases, Qwen3's
+# per-head q/k norms, Mistral's sliding window.
+FAMILY_SWITCHES = {"qkv_bias": True, "qk_norm": True, "sliding_window": 4}
+
+
+def tied_or_not(parallel: str, tied: bool, switches: bool = False) -> RunConfig:
     cfg = tiny_config(parallel)
-    cfg.model = dataclasses.replace(cfg.model, tie_embeddings=tied)
+    cfg.model = dataclasses.replace(cfg.model, tie_embeddings=tied, **(FAMILY_SWITCHES if switches else {}))
     return cfg
 
 
-def _sharded_init_main(rank: int, world_size: int, port: int, out: str, tied: bool) -> None:
+def _sharded_init_main(rank: int, world_size: int, port: int, out: str, tied: bool, switches: bool) -> None:
     _as_rank(rank, world_size, port)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     from scion.pretrain import build_model, setup
     from scion.train.parallel import parallelize, shutdown
 
-    cfg = tied_or_not("fsdp", tied)
+    cfg = tied_or_not("fsdp", tied, switches)
     env = setup(cfg)
     model = build_model(cfg, env.device)
     built_on_meta = all(p.is_meta for p in model.parameters())
@@ -355,14 +360,15 @@ def _sharded_init_main(rank: int, world_size: int, port: int, out: str, tied: bo
     shutdown()
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_fsdp_builds_on_meta_and_each_rank_initialises_only_its_shards(tmp_path, tied):
+@pytest.mark.parametrize("tied, switches", [(False, False), (True, False), (True, True)],
+                         ids=["untied", "tied", "tied-qwen-mistral-switches"])
+def test_fsdp_builds_on_meta_and_each_rank_initialises_only_its_shards(tmp_path, tied, switches):
     """No rank holds the whole model, and the sharded weights are bit for bit those of a
     single-process run with the same seed (tied embeddings stay one parameter)."""
     from scion.pretrain import build_model
 
-    spawn_ranks(2, _sharded_init_main, str(tmp_path), tied)
-    reference = build_model(tied_or_not("none", tied), torch.device("cpu"))
+    spawn_ranks(2, _sharded_init_main, str(tmp_path), tied, switches)
+    reference = build_model(tied_or_not("none", tied, switches), torch.device("cpu"))
     total = reference.num_params()
     for rank in range(2):
         seen = json.loads((tmp_path / f"rank{rank}.json").read_text())
