@@ -200,7 +200,7 @@ def test_presets_have_the_published_parameter_counts(name):
     assert theirs.num_parameters() == ours
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", ["llama3.2", "qwen2.5", "qwen3", "mistral"])  # one per architecture
 def test_a_child_inherits_from_each_family_trains_and_exports_as_that_family(tmp_path, family, run_scion, corpus):
     hf_model(tmp_path / "hf", family)
     run_scion("import", tmp_path / "hf", "--out", tmp_path / "ref")
