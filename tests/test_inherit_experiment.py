@@ -178,6 +178,7 @@ def test_protocol_seeds_growth_modes_and_baselines_at_the_final_depth(cache_dir,
         for name in ("random", "random-2x", "kd", "distilbert"):
             assert mine[name].layers == final, name
         assert ("random-2x-n" in mine) == (final != 2)
+        assert all(r.group == "scratch" for r in rows if r.recipe.startswith("random"))
         assert mine["kd"].steps == 3 and mine["kd"].tokens == 3 * 2 * 2 * 16
         distil = json.loads((out / f"seed-{seed}" / "distilbert" / "inherit.json").read_text())
         assert distil["blocks"] == [i * 4 // final for i in range(final)]

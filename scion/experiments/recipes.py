@@ -166,7 +166,7 @@ def run_random_2x(exp: Experiment, ref: Transformer) -> None:
     for name, layers in [("random-2x", exp.depth)] + ([("random-2x-n", exp.n)] if exp.depth != exp.n else []):
         cfg = exp.target(layers)
         t = exp.train(name, cfg, 2 * exp.T, lambda cfg=cfg: fresh(cfg, exp.seed), "random")
-        exp.add_row(name, t, [name], label=name, init=f"random init, {layers} layers, 2x steps")
+        exp.add_row("random-2x", t, [name], label=name, init=f"random init, {layers} layers, 2x steps")
 
 
 @recipe("random-ref", "scratch", "random init, reference size")
