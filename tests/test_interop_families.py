@@ -201,13 +201,15 @@ def test_presets_have_the_published_parameter_counts(name):
 
 
 @pytest.mark.parametrize("family", ["llama3.2", "qwen2.5", "qwen3", "mistral"])  # one per architecture
-def test_a_child_inherits_from_each_family_trains_and_exports_as_that_family(tmp_path, family, run_scion, corpus):
+def test_a_child_inherits_from_each_family_trains_and_exports_as_that_family(tmp_path, family, cache_dir, corpus):
+    from scion.cli.main import main as scion
+
     hf_model(tmp_path / "hf", family)
-    run_scion("import", tmp_path / "hf", "--out", tmp_path / "ref")
-    run_scion("inherit", "--reference", tmp_path / "ref", "--layers", "1", "--out", tmp_path / "child",
-              "--data", corpus, "--max-steps", "2", "--micro-batch-size", "2", "--eval-every", "2",
-              "--checkpoint-every", "2", "--data.val-fraction", "0.2", "--progress", "lines")
-    run_scion("export", tmp_path / "child", "--hf", tmp_path / "out")
+    import_run(tmp_path / "hf", tmp_path / "ref")
+    assert scion(["inherit", "--reference", str(tmp_path / "ref"), "--layers", "1", "--out", str(tmp_path / "child"),
+                  "--data", str(corpus), "--max-steps", "2", "--micro-batch-size", "2", "--eval-every", "2",
+                  "--checkpoint-every", "2", "--data.val-fraction", "0.2", "--progress", "lines"]) == 0
+    export_hf(tmp_path / "child", tmp_path / "out")
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["architectures"] == [ARCHITECTURE[FAMILIES[family][0]]] and config["num_hidden_layers"] == 1
     child = load_model(tmp_path / "child").model
@@ -216,5 +218,6 @@ def test_a_child_inherits_from_each_family_trains_and_exports_as_that_family(tmp
     with torch.no_grad():
         assert (exported(x).logits - child(x)).abs().max().item() <= TOL
     if family == "qwen3":  # the lazy-layer analysis reads the per-head-normed attention
-        run_scion("lazy", tmp_path / "ref", "--data", corpus, "--out", tmp_path / "lazy", "--num-seqs", "4")
+        assert scion(["lazy", str(tmp_path / "ref"), "--data", str(corpus), "--out", str(tmp_path / "lazy"),
+                      "--num-seqs", "4"]) == 0
         assert (tmp_path / "lazy" / "lazy.json").is_file()
