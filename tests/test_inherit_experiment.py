@@ -187,10 +187,10 @@ def test_protocol_seeds_growth_modes_and_baselines_at_the_final_depth(cache_dir,
     assert "val loss (mean ± sd, 2 seeds)" in table and " ± " in table.split("| random |")[1].splitlines()[0]
 
 
-@pytest.mark.parametrize("reference_steps, warned", [(1, True), (80, False)], ids=["short", "trained"])
+@pytest.mark.parametrize("reference_steps, warned", [(1, True), (40, False)], ids=["short", "trained"])
 def test_the_precondition_is_checked_on_real_runs(cache_dir, corpus, tmp_path, reference_steps, warned):
     """A reference trained one step loses to 2-layer scratch models trained 2T = 20 steps, and the
-    table says so first; one trained 80 steps beats them, and the table starts with T."""
+    table says so first; one trained 40 steps beats them, and the table starts with T."""
     from scion.experiments import Experiment, precondition_warning
 
     cfg = tiny_experiment(corpus, {"max_steps": 10, "micro_batch_size": 4, "warmup_steps": 2, "eval_every": 10,
