@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from scion import checkpoint as ckpt
-from scion.config import ModelConfig, TrainConfig
+from scion.config import ModelConfig, TrainConfig, preset
 from scion.train.memory import GiB, Shapes, fixes, largest_micro_batch, named_device, plan_memory
 from tests.conftest import TINY_ARGS, scion_env
 
@@ -176,3 +176,16 @@ def test_on_oom_halve_continues_and_matches_the_smaller_micro_batch_bit_for_bit(
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+def test_a_long_context_that_cannot_fit_is_answered_with_a_shorter_one():
+    # Qwen3-0.6B's 40,960-token context fits no micro-batch on a 24 GiB CPU; a shorter one does.
+    cfg = preset("qwen3-0.6b")
+    available = 24 * GiB
+    found = fixes(cfg.model, cfg.train, available, precision="fp32", runtime=0.0)
+    assert len(found) == 1 and found[0].startswith("--seq-len ")
+    seq = int(found[0].split()[1])
+    shorter = dataclasses.replace(cfg.train, seq_len=seq, micro_batch_size=1)
+    assert plan_memory(cfg.model, shorter, precision="fp32", runtime=0.0).total <= available
+    longer = dataclasses.replace(shorter, seq_len=2 * seq)
+    assert plan_memory(cfg.model, longer, precision="fp32", runtime=0.0).total > available

@@ -235,7 +235,8 @@ def largest_micro_batch(model: ModelConfig, train: TrainConfig, available: float
 
 def fixes(model: ModelConfig, train: TrainConfig, available: float, *, lora_hint: bool = False, **kw) -> list[str]:
     """The flags that make a plan fit, each checked against the plan: a smaller micro-batch,
-    activation checkpointing, bf16, FSDP across enough ranks (of this device each), LoRA."""
+    activation checkpointing, bf16, FSDP across enough ranks (of this device each), LoRA; when
+    none does, the longest shorter context that fits."""
     shapes = kw.pop("shapes", None) or Shapes.of(model)
     found = []
     m = largest_micro_batch(model, train, available, shapes=shapes, **kw)
@@ -261,6 +262,16 @@ def fixes(model: ModelConfig, train: TrainConfig, available: float, *, lora_hint
                 break
     if lora_hint:
         found.append("--lora-rank 16 (LoRA: only the adapters keep gradients and optimizer state)")
+    if not found:  # a long context (today's models ship 32K-128K) is often what does not fit
+        seq = train.sequence_length(model)
+        while seq > 128:
+            seq //= 2
+            t = replace(train, seq_len=seq, tokens_per_step=None)
+            m = largest_micro_batch(model, t, available, shapes=shapes, **kw)
+            if m:
+                size = f" --micro-batch-size {m}" if m < train.micro_batch_size else ""
+                found.append(f"--seq-len {seq}{size}")
+                break
     return found
 
 
