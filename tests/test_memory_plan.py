@@ -110,7 +110,8 @@ def test_a_run_that_cannot_fit_is_refused_with_the_fix_and_writes_nothing(run_sc
     assert proc.returncode == 2, proc.stderr
     error = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(error) == 1, proc.stderr
-    assert "the largest term is activations" in error[0]
+    # activations in fp32; under bf16 autocast they shrink and the fp32 logits lead
+    assert "the largest term is activations" in error[0] or "the largest term is logits/loss" in error[0]
     assert "--micro-batch-size" in error[0] and "--activation-checkpointing" in error[0]
     assert "--force-memory" in error[0]
     assert not out.exists()
