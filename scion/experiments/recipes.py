@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from scion.experiments.config import RECIPE_NAMES
-from scion.experiments.report import Row, curve, train_curve
+from scion.experiments.report import Row, chained, curve, train_curve
 from scion.inherit.distill import DistillLoss
 from scion.inherit.grow import GrowSettings, run_grow
 from scion.inherit.init import (
@@ -134,10 +134,7 @@ def _round_row(exp: Experiment, label: str, init: str, rounds, cumulative: bool 
     row is the last round's alone (the earlier ones are the search for its depth)."""
     last = rounds[-1]
     used = rounds if cumulative else rounds[-1:]
-    runs, offset = [], 0
-    for r in used:
-        runs.append((Path(r.run_dir), offset))
-        offset += r.steps
+    runs = chained([Path(r.run_dir) for r in used])
     return Row(label, "inheritune", init, last.layers, last.params, sum(r.steps for r in used),
                sum(r.tokens for r in used), last.val_loss, curve(runs), last.run_dir, exp.seed, train_curve(runs))
 
@@ -249,6 +246,7 @@ def run_distilbert(exp: Experiment, ref: Transformer) -> None:
     d = exp.cfg.experiment.distill
     n = exp.depth
     name = f"{ref.cfg.name}-alt{n}"
+    blocks = strided_blocks(ref.cfg.n_layer, n)
     loss = DistillLoss(ref, alpha=d.alpha, temperature=d.temperature, beta=d.beta)
     t = exp.train(
         "distilbert",
@@ -257,10 +255,8 @@ def run_distilbert(exp: Experiment, ref: Transformer) -> None:
         lambda: distilbert_student(ref, exp.seed, n),
         "distilbert",
         loss_fn=loss,
-        extra={"alpha": d.alpha, "temperature": d.temperature, "beta": d.beta,
-               "blocks": strided_blocks(ref.cfg.n_layer, n)},
+        extra={"alpha": d.alpha, "temperature": d.temperature, "beta": d.beta, "blocks": blocks},
     )
-    blocks = strided_blocks(ref.cfg.n_layer, n)
     exp.add_row("distilbert", t, ["distilbert"], init=f"reference blocks {_short(blocks)} + KD + hidden cosine")
 
 

@@ -202,23 +202,29 @@ class LlamaAdapter:
         return getattr(transformers, self.config_class)(**values), extra
 
 
-class Qwen2Adapter(LlamaAdapter):
-    """`Qwen2ForCausalLM` (Qwen2, Qwen2.5): biases on q, k and v only."""
+class _QwenAdapter(LlamaAdapter):
+    """What Qwen2 and Qwen3 share: a `sliding_window` in config.json that applies only with
+    `use_sliding_window`, which scion refuses (see `sliding_window_of`) and writes as false."""
+
+    def family_fields(self, hf, where):
+        sliding_window_of(hf, where)
+        return dict(self.switches)
+
+    def family_hf(self, cfg):
+        return {"use_sliding_window": False, "attention_bias": False}
+
+
+class Qwen2Adapter(_QwenAdapter):
+    """`Qwen2ForCausalLM` (Qwen2, Qwen2.5): biases on q, k and v only (fixed in the model code,
+    whatever attention_bias says)."""
 
     architecture = "Qwen2ForCausalLM"
     model_type = "qwen2"
     config_class = "Qwen2Config"
     switches = {"bias": False, "qkv_bias": True, "qk_norm": False, "sliding_window": None}
 
-    def family_fields(self, hf, where):
-        sliding_window_of(hf, where)
-        return {"qkv_bias": True}
 
-    def family_hf(self, cfg):
-        return {"use_sliding_window": False}
-
-
-class Qwen3Adapter(LlamaAdapter):
+class Qwen3Adapter(_QwenAdapter):
     """`Qwen3ForCausalLM`: RMSNorm over each head of the queries and keys, no biases, an explicit
     head_dim (128 where d_model / n_head would say otherwise)."""
 
@@ -228,13 +234,9 @@ class Qwen3Adapter(LlamaAdapter):
     switches = {"bias": False, "qkv_bias": False, "qk_norm": True, "sliding_window": None}
 
     def family_fields(self, hf, where):
-        sliding_window_of(hf, where)
         if hf.get("attention_bias"):
             raise ScionError(f"{where}: attention_bias=true (biases on q, k, v and o) is not supported for Qwen3")
-        return {"qk_norm": True}
-
-    def family_hf(self, cfg):
-        return {"use_sliding_window": False, "attention_bias": False}
+        return super().family_fields(hf, where)
 
 
 class MistralAdapter(LlamaAdapter):
