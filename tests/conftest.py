@@ -13,7 +13,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# The machine's cores (two on this project's machines) are shared by the pytest-xdist workers, one
+# thread each when there are two: OpenMP threads that spin while a sibling process holds the core
+# slow a run several times over.
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // WORKERS))
 
 # SCION_TEST_PRECISION=bf16 makes every CPU run left at `--precision auto`, in this process and in
 # the `scion` subprocesses, train in bf16 as a CPU with AMX or AVX512-BF16 does; fp32, as a CPU
