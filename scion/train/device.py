@@ -86,6 +86,11 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "fp8":  # float8 Linear layers through torchao (scion.train.float8), bf16 elsewhere
+        from scion.train.float8 import check_supported
+
+        check_supported(device)
+        return precision
     if precision != "auto":
         if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise ScionError("this GPU has no bf16 support; use --precision fp32")
@@ -98,7 +103,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 def autocast(device: torch.device, precision: str):
-    if precision == "bf16":
+    if precision in ("bf16", "fp8"):  # fp8: what is not a converted Linear runs as in bf16
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -107,7 +112,11 @@ def peak_flops(device: torch.device, precision: str, refresh: bool = False,
                tf32: bool | None = None) -> tuple[float, str] | None:
     """(peak FLOP/s, label) for MFU, or None for an unknown device (no MFU rather than a wrong one).
     `refresh` measures a CPU's peak again rather than taking the cached figure; `tf32` says whether
-    a GPU's fp32 products run on TF32 tensor cores (by default, as PyTorch is set now)."""
+    a GPU's fp32 products run on TF32 tensor cores (by default, as PyTorch is set now). An fp8
+    run's MFU is counted against the bf16 peak, so that it compares with a bf16 run's: only its
+    Linear layers' products run in float8 (up to twice as fast), attention and the rest do not."""
+    if precision == "fp8":
+        precision = "bf16"
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         if tf32 is None:
@@ -153,37 +162,55 @@ def measured_cpu_peak(precision: str, refresh: bool = False) -> float:
     """The CPU's matmul FLOP/s in `precision` at this thread count, measured once per CPU model,
     thread count and torch version and cached on disk; `refresh` measures again.
 
-    The probe takes the faster of PyTorch's two products, `a @ b` and `F.linear` (nn.Linear's, with
-    the weight transposed): in bf16 on a CPU without native bf16 they differ by an order of
+    The probe grows square products (512, 1024, ... 8192) until the rate stops rising: small
+    products understate what the cores do (a bf16 product on a Xeon with AMX runs at a third of
+    its plateau at 512 x 512), and MFU is against what the hardware can do. It stops early where
+    one product takes long (emulated bf16), since larger ones only take longer. At each size it
+    takes the faster of PyTorch's two products, `a @ b` and `F.linear` (nn.Linear's, with the
+    weight transposed): in bf16 on a CPU without native bf16 they differ by an order of
     magnitude, and a peak below the model's own products would give an MFU above 100%. The cache
     keeps the highest figure measured, since a busy machine can only measure too low.
     """
     threads = torch.get_num_threads()
     cache = cache_root() / "cpu_peak.json"
-    key = f"{precision} {threads} threads, torch {torch.__version__}, {cpu_model()}"
+    key = f"{precision} {threads} threads, plateau probe, torch {torch.__version__}, {cpu_model()}"
     try:
         known = json.loads(cache.read_text())
     except (OSError, json.JSONDecodeError):
         known = {}
     if key in known and not refresh:
         return known[key]
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    n = 1024 if precision == "fp32" else 512  # an emulated bf16 product can be slow: keep the probe short
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    best = known.get(key, 0.0)
-    for product in (torch.matmul, torch.nn.functional.linear):
-        product(a, b)
-        for _ in range(3):
-            start = time.perf_counter()
-            for _ in range(2):
-                product(a, b)
-            best = max(best, 2 * 2 * n**3 / (time.perf_counter() - start))
-    known[key] = best
+    measured = _matmul_plateau(torch.bfloat16 if precision == "bf16" else torch.float32)
+    known[key] = max(known.get(key, 0.0), measured)
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(known, indent=1))
     except OSError:
         pass
+    return known[key]
+
+
+def _matmul_plateau(dtype: torch.dtype, sizes=(512, 1024, 2048, 4096, 8192), slow_s: float = 0.25) -> float:
+    """The highest square-matmul rate over growing sizes: stops once a size gains under 5% on the
+    best so far, or once one product took over `slow_s` (the next size takes 8 times longer)."""
+    products = [torch.matmul, torch.nn.functional.linear]
+    best = 0.0
+    for n in sizes:
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        rates, seconds = {}, {}
+        for product in products:
+            product(a, b)  # warm-up: first-touch allocation, kernel selection
+            start = time.perf_counter()
+            product(a, b)
+            seconds[product] = time.perf_counter() - start
+            rates[product] = 2 * n**3 / seconds[product]
+        rate = max(rates.values())
+        gained = rate > 1.05 * best
+        best = max(best, rate)
+        # Keep only the products near the fastest (drops an emulated path ten times slower).
+        products = [p for p in products if rates[p] >= 0.5 * rate]
+        if not gained or min(seconds[p] for p in products) > slow_s:
+            break
     return best
 
 
