@@ -40,6 +40,50 @@ def hf_llama(m: ModelConfig, scion_model: torch.nn.Module | None = None):
     return model
 
 
+# litgpt is a benchmark-only peer, installed without its declared dependencies: it pins
+# huggingface-hub < 1.4, and transformers 5 needs >= 1.31 (a plain install breaks transformers).
+LITGPT_INSTALL = ("python -m venv .venv-peers --system-site-packages && "
+                  ".venv-peers/bin/pip install --no-deps -r benchmarks/requirements-peers.txt")
+
+
+def litgpt_missing() -> str | None:
+    """Why litgpt's model cannot be imported here (one line), or None when it can."""
+    try:
+        import litgpt.model  # noqa: F401
+    except ImportError as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def litgpt_gpt(m: ModelConfig, scion_model: torch.nn.Module | None = None):
+    """A litgpt GPT with the same configuration, holding `scion_model`'s weights when given:
+    scion's transformers names (its export path), then litgpt's own LLaMA conversion."""
+    from litgpt.config import Config
+    from litgpt.model import GPT
+    from litgpt.scripts.convert_hf_checkpoint import copy_weights_hf_llama
+
+    differs = {"norm": "rmsnorm", "mlp": "swiglu", "position": "rope", "rope_scaling": "none", "bias": False,
+               "qkv_bias": False, "qk_norm": False, "sliding_window": None, "attn_scale_inverse_layer": False}
+    unsupported = [f"{k}={getattr(m, k)!r}" for k, v in differs.items() if getattr(m, k) != v]
+    if unsupported:
+        raise ValueError(f"litgpt twin: only the plain LLaMA shape is mapped, not {', '.join(unsupported)}")
+    theta = int(m.rope_theta) if float(m.rope_theta).is_integer() else m.rope_theta  # litgpt types it int
+    cfg = Config(name=m.name, block_size=m.max_seq_len, vocab_size=m.vocab_size, padded_vocab_size=m.vocab_size,
+                 n_layer=m.n_layer, n_head=m.n_head, n_query_groups=m.kv_heads, n_embd=m.d_model,
+                 head_size=m.dim_per_head, rotary_percentage=1.0, rope_base=theta, parallel_residual=False,
+                 bias=False, norm_class_name="RMSNorm", norm_eps=m.norm_eps, mlp_class_name="LLaMAMLP",
+                 intermediate_size=m.ffn_hidden)
+    model = GPT(cfg)
+    if scion_model is not None:
+        hf = dict(LlamaAdapter().from_scion(scion_model.state_dict(), m))
+        state: dict[str, torch.Tensor] = {}
+        copy_weights_hf_llama(cfg, {}, state, hf)
+        model.load_state_dict(state, strict=True)
+    if m.tie_embeddings:  # litgpt's Config has no such switch; tie as transformers does
+        model.lm_head.weight = model.transformer.wte.weight
+    return model
+
+
 def build(cfg: ModelConfig, device, seed: int = 0) -> Transformer:
     """A freshly initialised scion model on `device`."""
     model = Transformer(cfg)

@@ -112,6 +112,65 @@ def test_gpu_check_dry_run(tmp_path):
     assert len(plan_rows) == 2 and all(r["plan"] > 0 and r["peak"] > 0 for r in plan_rows), plan_rows
 
 
+# litgpt is a benchmark-only peer (benchmarks/requirements-peers.txt): CI does not have it.
+PEERS_MISSING = [name for name in ("litgpt", "lightning", "lightning_utilities", "torchmetrics")
+                 if importlib.util.find_spec(name) is None]
+
+
+def train_step_dry_run(tmp_path, *args, hide_litgpt: bool = False) -> tuple[dict, str]:
+    """benchmarks/train_step.py on the check-tiny model, fp32 and bf16 autocast, one timed step
+    each: its JSON results and its output."""
+    script = ROOT / "benchmarks" / "train_step.py"
+    argv = [str(script), "--dry-run", "--steps", "1", "--warmup", "1", "--threads", "1",
+            "--modes", "fp32", "bf16", "--json", str(tmp_path / "train_step.json"), *args]
+    if hide_litgpt:  # the script as it runs where litgpt is not installed
+        code = ("import runpy, sys; sys.modules['litgpt'] = None; "
+                f"sys.path.insert(0, {str(script.parent)!r}); sys.argv = {argv!r}; "
+                f"runpy.run_path({str(script)!r}, run_name='__main__')")
+        cmd = [sys.executable, "-c", code]
+    else:
+        cmd = [sys.executable, *argv]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return json.loads((tmp_path / "train_step.json").read_text()), proc.stdout
+
+
+def assert_same_step(result: dict, libs: list[str]) -> None:
+    """Each library was measured in each mode and computes what scion does: parameter counts
+    equal and fp32 logits within 1e-4 (the script's own guard), and the first step's loss on the
+    same batch within 1e-4 in fp32 and within 2e-3 of it under bf16 autocast."""
+    assert result["libs"] == libs and result["dry_run"] is True
+    assert {(r["lib"], r["mode"]) for r in result["rows"]} == {(lib, m) for lib in libs for m in ("fp32", "bf16")}
+    assert all(r["tokens_per_s"] > 0 for r in result["rows"])
+    assert len(set(result["identity"]["params"].values())) == 1
+    assert all(d <= 1e-4 for d in result["identity"]["max_abs_logit_diff"].values())
+    first = {(r["lib"], r["mode"]): r["first_loss"] for r in result["rows"]}
+    reference = first["scion", "fp32"]
+    for lib in libs:
+        assert first[lib, "fp32"] == pytest.approx(reference, abs=1e-4), first
+        assert first[lib, "bf16"] == pytest.approx(reference, abs=2e-3), first
+    assert set(result["ratios"]) == set(libs) - {"scion"}
+    assert result["target"] == (1.3 if result["native_bf16"] else 1.1)
+
+
+def test_train_step_dry_run_without_litgpt_measures_scion_and_transformers(tmp_path):
+    result, out = train_step_dry_run(tmp_path, hide_litgpt=True)
+    assert_same_step(result, ["scion", "transformers"])
+    missing = [line for line in out.splitlines() if line.startswith("litgpt: not installed")]
+    assert len(missing) == 1 and "pip install --no-deps -r benchmarks/requirements-peers.txt" in missing[0]
+    assert out.startswith("machine: CPU ") and "native bf16: " in out.splitlines()[0]
+    assert "MFLOP per token for every library" in out and "scion's best against transformers" in out
+
+
+@pytest.mark.skipif(bool(PEERS_MISSING), reason=f"litgpt is not installed ({', '.join(PEERS_MISSING)} missing): "
+                    "pip install --no-deps -r benchmarks/requirements-peers.txt")
+def test_train_step_dry_run_three_way_with_litgpt(tmp_path):
+    result, out = train_step_dry_run(tmp_path)
+    assert_same_step(result, ["scion", "transformers", "litgpt"])
+    assert "litgpt: not installed" not in out and "against the best peer" in out
+
+
 @pytest.mark.parametrize("name, precision, tf32, expected", [
     ("NVIDIA H100 80GB HBM3", "bf16", True, (989e12, "H100 bf16 datasheet peak")),
     ("NVIDIA H100 80GB HBM3", "fp32", True, (494e12, "H100 TF32 datasheet peak")),
