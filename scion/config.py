@@ -83,12 +83,14 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     """Where tokens come from. `path` is raw text (files, folders, globs; .txt, .jsonl, .parquet)
-    or a folder of prepared shards (one with a manifest.json). Empty: the bundled corpus."""
+    or a folder of prepared shards (one with a manifest.json), or a Hugging Face data set
+    (hf:NAME[:CONFIG], streamed). Empty: the bundled corpus."""
 
     path: list[str] = field(default_factory=list)
     weights: list[float] = field(default_factory=list)  # mixing weights, one per path (default equal)
     tokenizer: str | None = None  # tokenizer.json, an HF tokenizer folder or "gpt2"; None: train one
     text_field: str = "text"  # the field holding the text in JSONL and Parquet records
+    split: str = "train"  # the split of an hf:NAME[:CONFIG] data set
     val_fraction: float = 0.01  # share of documents held out for validation
     bad_files: Literal["skip", "error"] = "skip"  # non-UTF-8 or binary inputs: skip with a count, or stop
 

@@ -12,6 +12,12 @@ examples:
   scion prepare --data corpus/ --tokenizer tok/ --out shards/
   scion prepare --data 'fineweb/*.parquet' --tokenizer gpt2 --out shards/ --shard 3/64   # one of 64 workers
   scion prepare --merge --out shards/                                                    # after all workers
+  scion prepare --data hf:HuggingFaceFW/fineweb-edu:sample-10BT --split train --tokenizer gpt2 --out shards/
+  scion prepare --data hf:/data/my-dataset --tokenizer tok/ --out shards/ --shard 0/16  # by the data set's files
+
+hf:NAME[:CONFIG] streams a Hugging Face data set through `datasets`: a hub id, a folder laid out
+as on the hub (data/train-00000-of-00004.parquet ...), or a folder written by save_to_disk.
+--shard i/n splits its work by data file, as it does files.
 """
 
 
@@ -28,11 +34,13 @@ def parse_shard(text: str) -> tuple[int, int]:
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="scion prepare", description="Tokenize text into packed token shards." + EXAMPLES,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", nargs="+", metavar="PATH", help="text/JSONL/Parquet files, folders or globs")
+    p.add_argument("--data", nargs="+", metavar="PATH",
+                   help="text/JSONL/Parquet files, folders or globs, or hf:NAME[:CONFIG] data sets")
     p.add_argument("--tokenizer", help="tokenizer.json, a tokenizer folder, or gpt2")
     p.add_argument("--out", required=True, help="folder for the shards and manifest.json")
     p.add_argument("--val-fraction", type=float, default=0.01, help="share of documents held out (default 0.01)")
     p.add_argument("--text-field", default="text", help="field holding the text in JSONL/Parquet records")
+    p.add_argument("--split", default="train", help="split of an hf: data set (default train)")
     p.add_argument("--bad-files", choices=["skip", "error"], default="skip",
                    help="non-UTF-8, binary or malformed files: skip them with a count, or stop")
     p.add_argument("--shard", default="0/1", help="I/N: prepare only this worker's share of the files")
@@ -42,7 +50,7 @@ def main(argv: list[str]) -> int:
 
     from pathlib import Path
 
-    from scion.data.prepare import PrepareOptions, merge, prepare
+    from scion.data.prepare import PrepareOptions, input_name, merge, prepare
     from scion.tokenizer import load_tokenizer
 
     out = Path(args.out)
@@ -62,13 +70,14 @@ def main(argv: list[str]) -> int:
         raise ScionError(f"{out / name}: a prepared dataset is already here; use --overwrite to replace it")
     tokenizer = load_tokenizer(args.tokenizer)
     opts = PrepareOptions(val_fraction=args.val_fraction, text_field=args.text_field, bad_files=args.bad_files,
-                          shard=shard)
+                          split=args.split, shard=shard)
     m = prepare(args.data, tokenizer, out, opts)
     t = m["totals"]
-    mb = sum(r["bytes"] for r in m["files"]) / 1e6
-    print(f"prepared {t['files']} files ({mb:.1f} MB), {t['documents']:,} documents: {t['train_tokens']:,} training "
+    sizes = [r["bytes"] for r in m["files"]]
+    mb = "" if None in sizes else f" ({sum(sizes) / 1e6:.1f} MB)"  # a hub file's size is not known
+    print(f"prepared {t['files']} files{mb}, {t['documents']:,} documents: {t['train_tokens']:,} training "
           f"and {t['val_tokens']:,} validation tokens in {m['seconds']:.1f}s -> {out}", file=sys.stderr)
     for r in m["files"]:
         if r.get("skipped"):
-            print(f"  skipped {r['path']}: {r['skipped']}", file=sys.stderr)
+            print(f"  skipped {input_name(r)}: {r['skipped']}", file=sys.stderr)
     return 0

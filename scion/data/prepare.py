@@ -12,9 +12,11 @@ its position (file number, piece number), so the split is deterministic and the 
 worker or many prepare the corpus. An EOS also closes a piece whose successor goes to the
 other split, so no sequence joins two unrelated texts.
 
-Many workers: `--shard i/n` prepares files i, i+n, i+2n, ... into bins and a manifest named for
-the worker; `merge` joins the workers' manifests into one, ordered by file, without copying
-tokens. The result reads exactly as a single worker's would.
+Many workers: `--shard i/n` prepares inputs i, i+n, i+2n, ... into bins and a manifest named for
+the worker; `merge` joins the workers' manifests into one, ordered by input, without copying
+tokens. The result reads exactly as a single worker's would. An input is a file, or one shard
+(data file) of a Hugging Face data set given as `hf:NAME[:CONFIG]` (scion.data.inputs), and
+"file" below means either.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from scion.data.readers import BadFile, ReadStats, expand_paths, read_pieces
+from scion.data.inputs import Input, expand_inputs
+from scion.data.readers import BadFile, ReadStats
 from scion.errors import ScionError
 from scion.tokenizer import Tokenizer
 
@@ -45,6 +48,7 @@ BIN_TOKENS = 1 << 28  # a new bin file is started past this many tokens
 class PrepareOptions:
     val_fraction: float = 0.01
     text_field: str = "text"
+    split: str = "train"  # the split of an hf: data set
     bad_files: str = "skip"  # or "error"
     piece_chars: int = 1 << 15
     shard: tuple[int, int] = (0, 1)  # (worker index, worker count)
@@ -116,24 +120,27 @@ class _BinWriter:
             self.fh.close()
 
 
-def prepare(paths: list[str], tokenizer: Tokenizer, out: str | Path, opts: PrepareOptions) -> dict:
-    """Tokenize the corpus under `paths` into `out`. Returns the manifest. A failure leaves
-    no half-written dataset behind in a folder this call created."""
+def prepare(paths: list[str], tokenizer: Tokenizer, out: str | Path, opts: PrepareOptions,
+            inputs: list[Input] | None = None) -> dict:
+    """Tokenize the corpus under `paths` (or the `inputs` already found there) into `out`. Returns
+    the manifest. A failure leaves no half-written dataset behind in a folder this call created."""
     created = not Path(out).exists()
     try:
-        return _prepare(paths, tokenizer, Path(out), opts)
+        return _prepare(paths, tokenizer, Path(out), opts, inputs)
     except BaseException:
         if created:
             shutil.rmtree(out, ignore_errors=True)
         raise
 
 
-def _prepare(paths: list[str], tokenizer: Tokenizer, out: Path, opts: PrepareOptions) -> dict:
-    files = expand_paths(paths)
+def _prepare(paths: list[str], tokenizer: Tokenizer, out: Path, opts: PrepareOptions,
+             inputs: list[Input] | None) -> dict:
     worker, workers = opts.shard
     if not 0 <= worker < workers:
         raise ScionError(f"--shard {worker}/{workers}: the worker index must be in 0..{workers - 1}")
-    mine = [(j, f) for j, f in enumerate(files) if j % workers == worker]
+    if inputs is None:
+        inputs = expand_inputs(paths, opts.split, opts.text_field)
+    mine = [(j, f) for j, f in enumerate(inputs) if j % workers == worker]
     out.mkdir(parents=True, exist_ok=True)
     tag = worker_tag(opts.shard)
     dtype = token_dtype(tokenizer.vocab_size)
@@ -143,8 +150,11 @@ def _prepare(paths: list[str], tokenizer: Tokenizer, out: Path, opts: PrepareOpt
     eos = tokenizer.eos_id
     started = time.time()
 
-    total_bytes = sum(f.stat().st_size for _, f in mine)
-    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, disable=not opts.progress,
+    # Progress in bytes where every size is known, else in inputs (a hub data set's remote files).
+    sizes = {j: f.bytes for j, f in mine}
+    by_bytes = None not in sizes.values()
+    bar = tqdm(total=sum(sizes.values()) if by_bytes else len(mine), unit="B" if by_bytes else " files",
+               unit_scale=by_bytes, disable=not opts.progress,
                desc=f"prepare {worker}/{workers}" if workers > 1 else "prepare")
 
     # (record, file_index, split, add_eos, text) for each piece, encoded a batch at a time on a
@@ -162,11 +172,11 @@ def _prepare(paths: list[str], tokenizer: Tokenizer, out: Path, opts: PrepareOpt
     # memory holds about two batches whatever the sizes of the files.
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending, batch, batch_chars = None, [], 0
-        for file_index, path in mine:
-            record = {"path": str(path), "index": file_index, "bytes": path.stat().st_size, "documents": 0}
+        for file_index, source in mine:
+            record = {**source.record(), "index": file_index, "bytes": sizes[file_index], "documents": 0}
             try:
                 piece_index = 0
-                for text, ends_doc in read_pieces(path, opts.text_field, opts.piece_chars):
+                for text, ends_doc in source.pieces(opts.text_field, opts.piece_chars):
                     split = "val" if goes_to_val(file_index, piece_index, opts.val_fraction) else "train"
                     next_split = "val" if goes_to_val(file_index, piece_index + 1, opts.val_fraction) else "train"
                     batch.append((record, file_index, split, ends_doc or next_split != split, text))
@@ -181,7 +191,7 @@ def _prepare(paths: list[str], tokenizer: Tokenizer, out: Path, opts: PrepareOpt
                         pending, batch, batch_chars = submitted, [], 0
             except BadFile as e:
                 if opts.bad_files == "error":
-                    raise ScionError(f"{path}: {e}; fix or remove the file, or pass --bad-files skip") from e
+                    raise ScionError(f"{source.name}: {e}; fix or remove the file, or pass --bad-files skip") from e
                 # Take back what this file already gave: pieces waiting, and tokens written.
                 if pending is not None:
                     flush(pending)
@@ -190,14 +200,14 @@ def _prepare(paths: list[str], tokenizer: Tokenizer, out: Path, opts: PrepareOpt
                 batch_chars = sum(len(b[4]) for b in batch)
                 for w in writers.values():
                     w.rollback(record)
-                stats.skipped.append((str(path), str(e)))
+                stats.skipped.append((source.name, str(e)))
                 record.update(skipped=str(e), documents=0)
                 records.append(record)
-                bar.update(record["bytes"])
+                bar.update(sizes[file_index] if by_bytes else 1)
                 continue
             stats.files += 1
             records.append(record)
-            bar.update(record["bytes"])
+            bar.update(sizes[file_index] if by_bytes else 1)
         if pending is not None:
             flush(pending)
         if batch:
@@ -213,7 +223,7 @@ def _prepare(paths: list[str], tokenizer: Tokenizer, out: Path, opts: PrepareOpt
         raise ScionError(f"{', '.join(paths)}: no readable text found{detail}")
     tokenizer.save(out / "tokenizer")
     manifest = build_manifest(records, {**writers["train"].bins, **writers["val"].bins}, tokenizer, opts,
-                              dtype, seconds=time.time() - started, inputs=describe_inputs(files))
+                              dtype, seconds=time.time() - started, inputs=describe_inputs(inputs))
     name = f"manifest.{tag[:-1]}.json" if tag else "manifest.json"
     write_json_atomic(out / name, manifest)
     if not tag:
@@ -221,11 +231,20 @@ def _prepare(paths: list[str], tokenizer: Tokenizer, out: Path, opts: PrepareOpt
     return manifest
 
 
-def describe_inputs(files: list[Path]) -> dict:
-    """The whole input file list (every worker's, not only its share), to check at merge time
-    that all workers saw the same files: their count, and a digest of their names and sizes."""
-    listing = json.dumps([[f.name, f.stat().st_size] for f in files])
-    return {"files": len(files), "sha256": hashlib.sha256(listing.encode()).hexdigest()}
+def input_name(record: dict) -> str:
+    """How messages name the input a manifest record describes: a file, or a data set's file."""
+    if "path" in record:
+        return record["path"]
+    config = f":{record['config']}" if record.get("config") else ""
+    split = f" [{record['split']}]" if record.get("split") else ""
+    return f"hf:{record['dataset']}{config}{split} {record['data_file']}"
+
+
+def describe_inputs(inputs: list[Input]) -> dict:
+    """The whole input list (every worker's, not only its share), to check at merge time that all
+    workers saw the same inputs: their count, and a digest of their names and sizes."""
+    listing = json.dumps([f.listing() for f in inputs])
+    return {"files": len(inputs), "sha256": hashlib.sha256(listing.encode()).hexdigest()}
 
 
 def build_manifest(records, bins, tokenizer: Tokenizer, opts: PrepareOptions, dtype, seconds=0.0,
