@@ -2,13 +2,20 @@
 
     python benchmarks/prepare.py                  # a 20 MB corpus, and 10x that for peak memory
     python benchmarks/prepare.py --mb 50 --scale 4
+    python benchmarks/prepare.py --source hf      # only the Hugging Face data set case
 
 The corpus is the bundled Shakespeare, repeated with variations (each copy shuffles the order
 of lines within a file and changes letter case on some of them) into files of about 4 MB. The
 tokenizer is a byte-level BPE of 8192 tokens trained by scion on the bundled corpus. Each prepare
 runs in a fresh subprocess (`scion prepare ...` as a user runs it), which reports its own peak
 resident memory; the baseline encodes the same pieces with `tokenizers`' encode_batch in the
-same batches, in this process, and writes nothing.
+same batches, in this process, and writes nothing. `seconds` is the manifest's own time (read,
+tokenize, write); `process wall s` adds the start-up (imports, and for hf: listing the data set).
+
+The `hf` case writes the same text as a data set laid out as the hub lays it out
+(data/train-00000-of-000NN.parquet, one file per text file, a record per block of lines, with an
+`id` column beside `text` as hub data sets have) and runs `scion prepare --data hf:FOLDER`, which
+streams it through `datasets`; its baseline is encode_batch on the same records' pieces.
 """
 
 from __future__ import annotations
@@ -23,6 +30,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -69,6 +79,17 @@ def build_corpus(folder: Path, megabytes: float, seed: int = 0) -> int:
     return written
 
 
+def build_hub_folder(corpus: Path, folder: Path) -> int:
+    """The corpus as a hub-style Parquet data set: one file per text file, one record per block."""
+    files = sorted(corpus.glob("*.txt"))
+    (folder / "data").mkdir(parents=True, exist_ok=True)
+    for i, f in enumerate(files):
+        docs = [d for d in f.read_text(encoding="utf-8").split("\n\n") if d]
+        table = pa.table({"text": docs, "id": [f"{f.stem}-{j}" for j in range(len(docs))]})
+        pq.write_table(table, folder / "data" / f"train-{i:05d}-of-{len(files):05d}.parquet")
+    return sum(f.stat().st_size for f in files)
+
+
 def raw_encode(files: list[Path], tok) -> tuple[float, int]:
     """Seconds and tokens for encode_batch over the same pieces, in the same batch sizes."""
     backend = tok.backend
@@ -86,7 +107,7 @@ def raw_encode(files: list[Path], tok) -> tuple[float, int]:
     return time.perf_counter() - t0, tokens
 
 
-def scion_prepare(data: Path, tok: Path, out: Path) -> dict:
+def scion_prepare(data: Path | str, tok: Path, out: Path) -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run(
         [
@@ -126,6 +147,8 @@ def main() -> None:
         "--scale", type=int, default=10, help="the memory check's corpus is this many times larger"
     )
     ap.add_argument("--keep", help="work in this folder and keep it (default: a temporary folder)")
+    ap.add_argument("--source", choices=["text", "hf", "both"], default="both",
+                    help="text files, a hub-style Parquet data set (hf:FOLDER), or both")
     args = ap.parse_args()
     print(f"machine: {describe_machine()}", flush=True)
     work = Path(args.keep or tempfile.mkdtemp(prefix="scion-bench-prepare-"))
@@ -153,47 +176,53 @@ def main() -> None:
             )
             train_bpe(texts, 8192).save(tok_dir)
         tok = load_tokenizer(tok_dir)
-        files = expand_paths([str(corpus)])
         threads = os.environ.get("RAYON_NUM_THREADS", str(os.cpu_count()))
-        print(f"corpus {size / 2**20:.1f} MB in {len(files)} files; tokenizers {threads} threads", flush=True)
-
-        raw_s, raw_tokens = raw_encode(files, tok)
-        small = scion_prepare(corpus, tok_dir, work / "out")
-        rows = [
-            ("tokenizers encode_batch", size, raw_s, raw_s, raw_tokens, None),
-            ("scion prepare", size, small["prepare_s"], small["wall_s"], small["tokens"], small["peak_rss"]),
-        ]
-        if big_size:
-            large = scion_prepare(big, tok_dir, work / "out-big")
-            rows.append(
-                (
-                    f"scion prepare ({args.scale}x corpus)",
-                    big_size,
-                    large["prepare_s"],
-                    large["wall_s"],
-                    large["tokens"],
-                    large["peak_rss"],
-                )
-            )
-        shutil.rmtree(work / "out", ignore_errors=True)
-        shutil.rmtree(work / "out-big", ignore_errors=True)
+        print(f"corpus {size / 2**20:.1f} MB in {len(list(corpus.iterdir()))} files; tokenizers {threads} threads",
+              flush=True)
+        cases = []
+        if args.source in ("text", "both"):
+            cases.append(("scion prepare", corpus, big, lambda folder: folder))
+        if args.source in ("hf", "both"):
+            for folder in (corpus, big):
+                if folder.exists() and not (work / f"{folder.name}-hf").exists():
+                    build_hub_folder(folder, work / f"{folder.name}-hf")
+            cases.append(("scion prepare hf:", work / "corpus-hf", work / "corpus-big-hf", lambda f: f"hf:{f}"))
+        results = []
+        for name, small_data, big_data, as_data in cases:
+            # The baseline encodes the very files the case reads (text files, or the Parquet files).
+            raw_s, raw_tokens = raw_encode(expand_paths([str(small_data)]), tok)
+            small = scion_prepare(as_data(small_data), tok_dir, work / "out")
+            rows = [
+                (f"tokenizers encode_batch ({'Parquet' if 'hf' in name else 'text'})", size, raw_s, raw_s,
+                 raw_tokens, None),
+                (name, size, small["prepare_s"], small["wall_s"], small["tokens"], small["peak_rss"]),
+            ]
+            if big_size:
+                large = scion_prepare(as_data(big_data), tok_dir, work / "out-big")
+                rows.append((f"{name} ({args.scale}x corpus)", big_size, large["prepare_s"], large["wall_s"],
+                             large["tokens"], large["peak_rss"]))
+            results.append((name, raw_s, rows))
+            shutil.rmtree(work / "out", ignore_errors=True)
+            shutil.rmtree(work / "out-big", ignore_errors=True)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
 
     print("\n| what | corpus MB | seconds | MB/s | process wall s | tokens | peak RSS MB |")
     print("|---|---:|---:|---:|---:|---:|---:|")
-    for name, nbytes, secs, wall, tokens, rss in rows:
-        print(
-            f"| {name} | {nbytes / 2**20:.0f} | {secs:.1f} | {nbytes / 2**20 / secs:.2f} | {wall:.1f} | "
-            f"{tokens:,} | {'' if rss is None else f'{rss / 2**20:.0f}'} |"
-        )
-    print(
-        f"\nthroughput ratio scion / raw encode_batch: {raw_s / rows[1][2]:.2f}x "
-        "(scion's tokens include the EOS that ends each document)"
-    )
-    if len(rows) > 2:
-        print(f"peak memory, {args.scale}x corpus / 1x corpus: {rows[2][5] / rows[1][5]:.2f}x")
+    for _, _, rows in results:
+        for name, nbytes, secs, wall, tokens, rss in rows:
+            print(
+                f"| {name} | {nbytes / 2**20:.0f} | {secs:.1f} | {nbytes / 2**20 / secs:.2f} | {wall:.1f} | "
+                f"{tokens:,} | {'' if rss is None else f'{rss / 2**20:.0f}'} |"
+            )
+    print()
+    for name, raw_s, rows in results:
+        print(f"{name}: throughput ratio against raw encode_batch on the same text {raw_s / rows[1][2]:.2f}x "
+              "(scion's tokens include the EOS that ends each document)")
+        if len(rows) > 2:
+            print(f"{name}: peak RSS {rows[1][5] / 2**20:.0f} MB at 1x, {rows[2][5] / 2**20:.0f} MB at {args.scale}x "
+                  f"({rows[2][5] / rows[1][5]:.2f}x)")
 
 
 if __name__ == "__main__":
