@@ -95,6 +95,11 @@ class DataConfig:
     bad_files: Literal["skip", "error"] = "skip"  # non-UTF-8 or binary inputs: skip with a count, or stop
 
 
+# The layouts whose parameters are sharded DTensors (built on the meta device, saved with DCP):
+# FSDP across all ranks, HSDP within each shard group.
+SHARDED_LAYOUTS = ("fsdp", "hsdp")
+
+
 @dataclass
 class TrainConfig:
     seed: int = 1337
@@ -114,7 +119,9 @@ class TrainConfig:
     tf32: bool = True  # on GPUs from Ampere on, fp32 matrix products run on TF32 tensor cores; false: IEEE fp32
     compile: bool = False
     device: str = "auto"  # auto, cpu, cuda, cuda:1, mps
-    parallel: Literal["none", "ddp", "fsdp"] = "none"
+    parallel: Literal["none", "ddp", "fsdp", "hsdp"] = "none"
+    # With --parallel hsdp: the ranks each replica is sharded over; 0: one node's (LOCAL_WORLD_SIZE)
+    hsdp_shard_size: int = 0
     activation_checkpointing: bool = False
     log_every: int = 10
     eval_every: int = 100
@@ -156,7 +163,7 @@ class TrainConfig:
                 raise ScionError(f"train.{name} must be positive, got {getattr(self, name)}")
         for name in ["lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip", "milestone_every",
                      "eval_batches", "sample_tokens", "eval_tasks_every", "max_bad_steps", "loss_spike_sigma",
-                     "memory_limit"]:
+                     "memory_limit", "hsdp_shard_size"]:
             if getattr(self, name) < 0:
                 raise ScionError(f"train.{name} must not be negative, got {getattr(self, name)}")
         if self.eval_tasks_limit is not None and self.eval_tasks_limit <= 0:

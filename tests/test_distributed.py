@@ -34,7 +34,7 @@ MICRO, GLOBAL, SEQ = 2, 8, 16  # global batch 8 sequences: 4 micro-steps on 1 ra
 
 
 def tiny_config(parallel: str = "none", activation_checkpointing: bool = False,
-                consolidated: str = "auto", compile: bool = False) -> RunConfig:
+                consolidated: str = "auto", compile: bool = False, hsdp_shard_size: int = 0) -> RunConfig:
     model = ModelConfig(name="tiny-test", vocab_size=128, n_layer=2, n_head=4, n_kv_head=2, d_model=32,
                         ffn_hidden=64, max_seq_len=SEQ)
     train = TrainConfig(max_steps=STEPS, micro_batch_size=MICRO, tokens_per_step=GLOBAL * SEQ, lr=3e-3,
@@ -42,7 +42,7 @@ def tiny_config(parallel: str = "none", activation_checkpointing: bool = False,
                         checkpoint_every=2, keep_last=10, sample_every=1000, sample_prompts=[],
                         device="cpu", precision="fp32", parallel=parallel,
                         activation_checkpointing=activation_checkpointing, consolidated_weights=consolidated,
-                        compile=compile)
+                        compile=compile, hsdp_shard_size=hsdp_shard_size)
     return RunConfig(model=model, train=train)
 
 
@@ -73,12 +73,12 @@ class NumberedSamples:
 
 def train_run(run_dir: str, parallel: str, resume: bool = False, activation_checkpointing: bool = False,
               consolidated: str = "auto", compile: bool = False, signal_at: tuple[int, int] | None = None,
-              ) -> None:
+              hsdp_shard_size: int = 0) -> None:
     """Train (or resume) a tiny run as `scion pretrain` does, on the world this process is in.
     `signal_at` = (rank, sample): that rank sends itself SIGTERM when it reads that sample."""
     from scion.pretrain import build_model, setup, train
 
-    cfg = tiny_config(parallel, activation_checkpointing, consolidated, compile)
+    cfg = tiny_config(parallel, activation_checkpointing, consolidated, compile, hsdp_shard_size)
     env = setup(cfg)
     run_dir = Path(run_dir)
     if env.world.main:

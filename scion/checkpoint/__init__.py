@@ -4,7 +4,7 @@ on any world size.
     layout      what a checkpoint folder holds, named once
     folder      the folder itself: atomic writes, checksums, verification, retention, loading
     full        strategy for a plain model (one process, DDP): model.safetensors + optimizer.pt
-    sharded     strategy for FSDP: reshardable torch.distributed.checkpoint shards in dcp/
+    sharded     strategy for FSDP and HSDP: reshardable torch.distributed.checkpoint shards in dcp/
     safe_dcp    reading DCP's metadata without running code from it
 
 The training loop holds the strategy `state_io` picks and calls its `save`, `load_model` and
@@ -43,6 +43,7 @@ from scion.checkpoint.layout import (
     is_sharded_checkpoint,
 )
 from scion.checkpoint.sharded import ShardedStateIO, consolidate, load_sharded
+from scion.config import SHARDED_LAYOUTS
 
 __all__ = [
     "COMPLETE", "NAME", "WEIGHT_FILES", "CheckpointRef", "FullStateIO", "ShardedStateIO", "check_fits",
@@ -55,4 +56,4 @@ __all__ = [
 
 def state_io(parallel: str, consolidated_weights: str = "auto") -> FullStateIO | ShardedStateIO:
     """How checkpoints are written and read for this kind of parallelism."""
-    return ShardedStateIO(consolidated_weights) if parallel == "fsdp" else FullStateIO()
+    return ShardedStateIO(consolidated_weights) if parallel in SHARDED_LAYOUTS else FullStateIO()

@@ -1,4 +1,5 @@
-"""The sharded strategy: FSDP runs, whose parameters are DTensors.
+"""The sharded strategy: FSDP and HSDP runs, whose parameters are DTensors (HSDP's replicas
+hold the same shards, which DCP writes once).
 
 Every rank writes its own shards with torch.distributed.checkpoint (DCP) into `dcp/` at once;
 rank 0 adds a consolidated `model.safetensors` for small models (`consolidate="auto"`) and the

@@ -10,11 +10,14 @@ examples:
   scion plan                                            # the tiny preset on this machine
   scion plan --preset tinyllama-1.1b --micro-batch-size 4
   scion plan --preset tinyllama-1.1b --device h100-80gb --ranks 8 --parallel fsdp
+  scion plan --preset tinyllama-1.1b --device h100-80gb --ranks 32 --parallel hsdp --hsdp-shard-size 8
   scion plan --config run.yaml --device a100-40gb --activation-checkpointing
 
 Every `scion pretrain` flag works (--preset, --config, --micro-batch-size, --precision,
 --parallel, ...). The same plan is printed below the start line of every training command, which
-refuses to start when it does not fit (--force-memory starts anyway).
+refuses to start when it does not fit (--force-memory starts anyway). With --parallel hsdp the
+weights, gradients and optimizer state are split over a shard group of --hsdp-shard-size ranks
+(default: all --ranks, as on one node; a run under torchrun takes one node's ranks).
 """
 
 
@@ -34,7 +37,7 @@ def main(argv: list[str]) -> int:
     if args.ranks < 1:
         raise ScionError(f"--ranks must be positive, got {args.ranks}")
     if args.ranks > 1 and cfg.train.parallel == "none":
-        raise ScionError(f"--ranks {args.ranks} needs --parallel ddp or --parallel fsdp")
+        raise ScionError(f"--ranks {args.ranks} needs --parallel ddp or --parallel fsdp (or hsdp)")
     kind, available, where, precision = _device(args.device, cfg.train.precision)
     seq = cfg.train.sequence_length(cfg.model)
     if cfg.train.tokens_per_step and cfg.train.tokens_per_step % (cfg.train.micro_batch_size * args.ranks * seq):
@@ -43,6 +46,8 @@ def main(argv: list[str]) -> int:
     kw = {"precision": precision, "device_kind": kind, "ranks": args.ranks}
     plan = plan_memory(cfg.model, cfg.train, **kw)
     parallel = f", {plan.parallel}" if plan.parallel != "none" else ""
+    if plan.parallel == "hsdp":
+        parallel += f" {args.ranks // plan.shard_group} x {plan.shard_group} (replicate x shard)"
     ckpt = ", activation checkpointing" if cfg.train.activation_checkpointing else ""
     print(f"{cfg.model.name} on {where}: {args.ranks} rank(s){parallel}, {precision}{ckpt}, "
           f"micro-batch {plan.micro_batch} x {seq} tokens, {plan.accum} accumulation step(s)")

@@ -25,6 +25,8 @@ examples:
   scion pretrain --resume runs/a --max-steps 4000  # ... and train longer
   torchrun --nproc-per-node 8 -m scion pretrain --config ... --parallel ddp
   torchrun --nproc-per-node 8 -m scion pretrain --config ... --parallel fsdp --activation-checkpointing
+  torchrun --nnodes 4 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
+      -m scion pretrain --config ... --parallel hsdp   # see docs/distributed.md
 """
 
 

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from scion import checkpoint as ckpt
-from scion.config import RunConfig, save_yaml
+from scion.config import SHARDED_LAYOUTS, RunConfig, save_yaml
 from scion.data.dataset import Sampler, TokenSplit, eval_batches
 from scion.data.sources import resolve_datasets
 from scion.errors import ScionError
@@ -46,7 +46,7 @@ def setup(cfg: RunConfig, check_memory: bool = True) -> Setup:
     before anything is written (`check_memory` False: the recipe checks later, once it knows which
     parameters train, as SFT with LoRA does)."""
     device = resolve_device(cfg.train.device)
-    world = init_distributed(cfg.train.parallel, device)
+    world = init_distributed(cfg.train.parallel, device, cfg.train.hsdp_shard_size)
     if world.size > 1 and device.type == "cuda":
         device = torch.device("cuda", world.local_rank)
     if device.type == "cuda":
@@ -105,10 +105,10 @@ def load_data(cfg: RunConfig, world: World) -> tuple[Tokenizer, list[Path]]:
 
 def build_model(cfg: RunConfig, device: torch.device) -> Transformer:
     """A freshly initialised model; the same seed gives the same weights on any device and any
-    number of ranks. For FSDP the model is built on the meta device and gets its memory, and
-    the same weights, only once sharded (`scion.train.parallel.parallelize`): no rank ever holds it
-    whole."""
-    if cfg.train.parallel == "fsdp":
+    number of ranks. For FSDP and HSDP the model is built on the meta device and gets its memory,
+    and the same weights, only once sharded (`scion.train.parallel.parallelize`): no rank ever
+    holds it whole."""
+    if cfg.train.parallel in SHARDED_LAYOUTS:
         with torch.device("meta"):
             return Transformer(cfg.model)
     model = Transformer(cfg.model)
@@ -152,7 +152,7 @@ def train(
     plan, available = memory_plan(cfg, env, model)  # before sharding: whole parameter counts
     train_model = parallelize(model, t.parallel, env.device, env.world, compile=t.compile,
                               activation_checkpointing=t.activation_checkpointing, precision=env.precision,
-                              init_seed=t.seed)
+                              init_seed=t.seed, hsdp_shard_size=t.hsdp_shard_size)
     callbacks = []
     if t.eval_tasks and t.eval_tasks_every:  # benchmark tasks during training (lm-eval)
         from scion.evaluate.harness import TrainingTasks

@@ -9,6 +9,7 @@ The terms, per rank, in bytes:
     weights       fp32 parameters (scion keeps fp32 weights; bf16 is autocast), sharded by FSDP
     gradients     fp32, trainable parameters only (LoRA: the adapters); DDP adds its buckets
     optimizer     AdamW's two fp32 moments per trainable parameter, sharded by FSDP
+                  (weights, gradients and moments: over all ranks; under HSDP over a shard group)
     activations   what the blocks keep for backward for one micro-batch (per token, counted as
                   benchmarks/saved_activations.py lists them, for scion's eager blocks), or only
                   each block's input with activation checkpointing, plus the block recomputed;
@@ -37,8 +38,9 @@ from pathlib import Path
 
 import torch
 
-from scion.config import ModelConfig, TrainConfig
+from scion.config import SHARDED_LAYOUTS, ModelConfig, TrainConfig
 from scion.errors import ScionError
+from scion.train.world import hsdp_shape, shard_group_size
 
 GiB = 2**30
 CUDA_CONTEXT = 1 * GiB  # the CUDA context and allocator slack: outside torch's own accounting
@@ -143,6 +145,7 @@ class MemoryPlan:
     activation_checkpointing: bool
     trainable: int
     device_kind: str
+    shard_group: int = 1  # ranks the weights, gradients and moments are split over (HSDP: fewer than `ranks`)
 
     TERMS = ("weights", "gradients", "optimizer", "activations", "logits", "allocator", "runtime")
     LABELS = {"weights": "weights", "gradients": "gradients", "optimizer": "optimizer state (AdamW)",
@@ -180,8 +183,8 @@ def plan_memory(
     the model exists (default: this process's on a CPU, the CUDA context on a GPU)."""
     s = shapes or Shapes.of(model)
     m = micro_batch or train.micro_batch_size
-    parallel = train.parallel if ranks > 1 or train.parallel == "fsdp" else "none"
-    shard = ranks if parallel == "fsdp" else 1
+    parallel = train.parallel if ranks > 1 or train.parallel in SHARDED_LAYOUTS else "none"
+    shard = shard_group_size(parallel, ranks, train.hsdp_shard_size)  # HSDP: a shard group, not the world
     trainable = s.params if trainable is None else trainable
     bf16 = precision == "bf16"
     tokens = m * train.sequence_length(model)
@@ -197,9 +200,9 @@ def plan_memory(
         acts = tokens * (model.n_layer * 4 * model.d_model + per_block)
     else:
         acts = tokens * model.n_layer * per_block
-    if bf16 and not (device_kind == "cuda" and parallel == "fsdp"):
+    if bf16 and not (device_kind == "cuda" and parallel in SHARDED_LAYOUTS):
         acts += 2 * (s.params - s.embed_params)  # autocast's bf16 copies of the matmul weights
-    if parallel == "fsdp":  # the root and the blocks gathered whole (one ahead), one block's gradients
+    if parallel in SHARDED_LAYOUTS:  # the root and the blocks gathered whole (one ahead), one block's gradients
         acts += (2 if bf16 and device_kind == "cuda" else 4) * (s.root_params + 3 * s.block_params)
     logits = tokens * logits_bytes_per_token(model)
     allocator = (CPU_HEAP - 1) * (acts + logits) if device_kind == "cpu" else 0.0
@@ -212,7 +215,7 @@ def plan_memory(
         runtime = resident_bytes() if device_kind == "cpu" else CUDA_CONTEXT
     total = runtime + weights + optimizer + max(grads, acts + logits + allocator + held)
     return MemoryPlan(weights, grads, optimizer, acts, logits, allocator, runtime, total, m, accum, ranks, parallel,
-                      precision, train.activation_checkpointing, trainable, device_kind)
+                      precision, train.activation_checkpointing, trainable, device_kind, shard)
 
 
 def largest_micro_batch(model: ModelConfig, train: TrainConfig, available: float, **kw) -> int:
@@ -235,7 +238,8 @@ def largest_micro_batch(model: ModelConfig, train: TrainConfig, available: float
 
 def fixes(model: ModelConfig, train: TrainConfig, available: float, *, lora_hint: bool = False, **kw) -> list[str]:
     """The flags that make a plan fit, each checked against the plan: a smaller micro-batch,
-    activation checkpointing, bf16, FSDP across enough ranks (of this device each), LoRA; when
+    activation checkpointing, bf16, a larger HSDP shard group, FSDP across enough ranks (of this
+    device each), LoRA; when
     none does, the longest shorter context that fits."""
     shapes = kw.pop("shapes", None) or Shapes.of(model)
     found = []
@@ -251,8 +255,15 @@ def fixes(model: ModelConfig, train: TrainConfig, available: float, *, lora_hint
         m = largest_micro_batch(model, t, available, shapes=shapes, **{**kw, **change})
         if m:
             found.append(flag + (f" --micro-batch-size {m}" if m < train.micro_batch_size else ""))
+    ranks = kw.get("ranks", 1)
+    if train.parallel == "hsdp" and ranks > 1:  # HSDP: shard each replica over more of the ranks
+        group = hsdp_shape(ranks, train.hsdp_shard_size)[1]
+        for n in (d for d in range(group + 1, ranks + 1) if ranks % d == 0):
+            if largest_micro_batch(model, replace(train, hsdp_shard_size=n), available, shapes=shapes, **kw):
+                found.append(f"--hsdp-shard-size {n}")
+                break
     # More ranks of the same GPU; a CPU's ranks would share the one host's memory.
-    if kw.get("device_kind") == "cuda" and (kw.get("ranks", 1) == 1 or train.parallel != "fsdp"):
+    if kw.get("device_kind") == "cuda" and (ranks == 1 or train.parallel not in SHARDED_LAYOUTS):
         for n in (2, 4, 8, 16, 32, 64, 128, 256):
             t = replace(train, parallel="fsdp", tokens_per_step=None)
             m = largest_micro_batch(model, t, available, shapes=shapes, **{**kw, "ranks": n})

@@ -6,11 +6,13 @@ torchtitan's order:
 
     activation checkpointing   each block's activations are recomputed in the backward pass
     torch.compile              per block, in place, before sharding (scion.train.compile)
-    FSDP2 / DDP                `fully_shard` on every block, then on the root; or DDP
+    FSDP2 / HSDP / DDP         `fully_shard` on every block, then on the root; or DDP
 
 FSDP2 shards in place: the model keeps its class and parameter names, its parameters become
-DTensors, and the returned module is the model itself. DDP wraps: the model stays a plain
-module and the wrapper is what forward/backward runs through.
+DTensors, and the returned module is the model itself. HSDP is FSDP2 on a 2-D mesh
+(replicate, shard): each shard group (by default one node's ranks) holds a whole replica, and
+only the gradients' all-reduce between replicas crosses nodes. DDP wraps: the model stays a
+plain module and the wrapper is what forward/backward runs through.
 """
 
 from __future__ import annotations
@@ -21,19 +23,24 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from scion.config import SHARDED_LAYOUTS
 from scion.errors import ScionError
 from scion.train.compile import compile_blocks
-from scion.train.world import World
+from scion.train.world import World, hsdp_shape
 
 
-def init_distributed(parallel: str, device: torch.device) -> World:
+def init_distributed(parallel: str, device: torch.device, hsdp_shard_size: int = 0) -> World:
+    """Join the process group torchrun describes (FSDP and HSDP make a group of one without it).
+    HSDP's mesh shape is checked first, so a bad one is refused before any rank waits for another."""
     world = World.from_env()
-    if world.size == 1 and parallel != "fsdp":
+    if parallel == "hsdp":
+        hsdp_shape(world.size, hsdp_shard_size, world.local_size)
+    if world.size == 1 and parallel not in SHARDED_LAYOUTS:
         return world
     if parallel == "none":
         raise ScionError(
             f"started on {world.size} processes but --parallel is none; "
-            "pass --parallel ddp or --parallel fsdp"
+            "pass --parallel ddp or --parallel fsdp (--parallel hsdp across nodes)"
         )
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
@@ -57,19 +64,20 @@ def parallelize(
     activation_checkpointing: bool = False,
     precision: str = "fp32",
     init_seed: int = 0,
+    hsdp_shard_size: int = 0,
 ) -> nn.Module:
-    """The module that forward/backward should run through (for FSDP, the model itself). A model
-    built on the meta device (FSDP only) is allocated shard by shard and initialised with
-    `init_seed` once sharded."""
+    """The module that forward/backward should run through (for FSDP and HSDP, the model itself).
+    A model built on the meta device (FSDP and HSDP only) is allocated shard by shard and
+    initialised with `init_seed` once sharded."""
     on_meta = any(p.is_meta for p in model.parameters())
-    if on_meta and parallel != "fsdp":
-        raise ValueError("only FSDP takes a model built on the meta device")
+    if on_meta and parallel not in SHARDED_LAYOUTS:
+        raise ValueError("only FSDP and HSDP take a model built on the meta device")
     if activation_checkpointing:
         apply_activation_checkpointing(model)
     if compile:
         compile_blocks(model)  # in place: parameter names do not change
-    if parallel == "fsdp":
-        apply_fsdp(model, device, world, precision)
+    if parallel in SHARDED_LAYOUTS:
+        apply_fsdp(model, device_mesh(parallel, device, world, hsdp_shard_size), precision)
         if on_meta:
             materialize(model, device, torch.Generator().manual_seed(init_seed))
         return model
@@ -91,25 +99,36 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
         model.blocks[i] = checkpoint_wrapper(block, preserve_rng_state=False)
 
 
-def mixed_precision(device: torch.device, precision: str):
+def mixed_precision(device_type: str, precision: str):
     """bf16 parameters for compute with fp32 gradient reduction on GPUs; plain fp32 elsewhere
     (gloo reduces in fp32, and the CPU path uses autocast for bf16 instead)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    if device.type == "cuda" and precision == "bf16":
+    if device_type == "cuda" and precision == "bf16":
         return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     return MixedPrecisionPolicy()
 
 
-def apply_fsdp(model: nn.Module, device: torch.device, world: World, precision: str = "fp32") -> None:
-    """FSDP2: each block is one communication unit, the root holds the embeddings, final norm
-    and head (tied weights stay together there). The last block is not resharded after the
-    forward pass, since the backward pass needs it straight away."""
+def device_mesh(parallel: str, device: torch.device, world: World, hsdp_shard_size: int = 0):
+    """FSDP's 1-D mesh over all ranks, or HSDP's 2-D (replicate, shard) mesh: `fully_shard`
+    shards over the last dimension and replicates over the first. Ranks are laid out row by
+    row, so with the default shard size the ranks of a shard group are one node's."""
     from torch.distributed.device_mesh import init_device_mesh
+
+    if parallel == "hsdp":
+        shape = hsdp_shape(world.size, hsdp_shard_size, world.local_size)
+        return init_device_mesh(device.type, shape, mesh_dim_names=("replicate", "shard"))
+    return init_device_mesh(device.type, (world.size,), mesh_dim_names=("shard",))
+
+
+def apply_fsdp(model: nn.Module, mesh, precision: str = "fp32") -> None:
+    """FSDP2 over `mesh` (see `device_mesh`): each block is one communication unit, the root
+    holds the embeddings, final norm and head (tied weights stay together there). The last
+    block is not resharded after the forward pass, since the backward pass needs it straight
+    away."""
     from torch.distributed.fsdp import fully_shard
 
-    mesh = init_device_mesh(device.type, (world.size,))
-    policy = mixed_precision(device, precision)
+    policy = mixed_precision(mesh.device_type, precision)
     blocks = list(model.blocks)
     for i, block in enumerate(blocks):
         fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=i < len(blocks) - 1)
