@@ -115,7 +115,9 @@ class TrainConfig:
     beta2: float = 0.95
     adam_eps: float = 1e-8
     grad_clip: float = 1.0  # 0 disables clipping
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 where the device has fast bf16
+    # auto: bf16 where the device has fast bf16; fp8: the Linear layers in float8 through torchao
+    # (GPUs of compute capability 8.9+), the rest as in bf16 (scion/train/float8.py)
+    precision: Literal["auto", "fp32", "bf16", "fp8"] = "auto"
     tf32: bool = True  # on GPUs from Ampere on, fp32 matrix products run on TF32 tensor cores; false: IEEE fp32
     compile: bool = False
     device: str = "auto"  # auto, cpu, cuda, cuda:1, mps

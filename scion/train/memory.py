@@ -103,7 +103,7 @@ def activation_bytes_per_token(cfg: ModelConfig, precision: str) -> float:
     each norm's fp32 input and statistics (and its output once in fp32, or one bf16 copy per
     projection that reads it under autocast), attention's q, k, v, output and log-sum-exp, the
     MLP's inner tensors (SwiGLU: gate, its SiLU, up and their product; GELU: up and its GELU)."""
-    a = 2 if precision == "bf16" else 4
+    a = 2 if precision in ("bf16", "fp8") else 4  # fp8 runs all but its Linear products as bf16
     d, f = cfg.d_model, cfg.ffn_hidden
     heads = cfg.n_head * cfg.dim_per_head
     kv = cfg.kv_heads * cfg.dim_per_head
@@ -186,7 +186,7 @@ def plan_memory(
     parallel = train.parallel if ranks > 1 or train.parallel in SHARDED_LAYOUTS else "none"
     shard = shard_group_size(parallel, ranks, train.hsdp_shard_size)  # HSDP: a shard group, not the world
     trainable = s.params if trainable is None else trainable
-    bf16 = precision == "bf16"
+    bf16 = precision in ("bf16", "fp8")  # fp8: planned as bf16 (its float8 copies are smaller)
     tokens = m * train.sequence_length(model)
 
     weights = 4 * s.params / shard

@@ -72,6 +72,11 @@ def parallelize(
     on_meta = any(p.is_meta for p in model.parameters())
     if on_meta and parallel not in SHARDED_LAYOUTS:
         raise ValueError("only FSDP and HSDP take a model built on the meta device")
+    if precision == "fp8":  # first, as in torchtitan: float8 Linear layers under AC, compile and FSDP
+        from scion.train.float8 import convert_to_float8
+
+        convert_to_float8(model, fsdp_all_gather=parallel in ("fsdp", "hsdp") and world.size > 1)
+        precision = "bf16"  # everything else runs as in bf16
     if activation_checkpointing:
         apply_activation_checkpointing(model)
     if compile:
