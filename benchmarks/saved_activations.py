@@ -8,7 +8,7 @@ One block of the preset (its real width, heads and MLP), compiled as `scion pret
 compiles it, runs forward under bf16 autocast on CPU while a saved-tensor hook records every
 tensor autograd keeps; the table lists them, once each, with bytes per token. Run twice: with
 the fp32 residual stream that autocast gives (the embedding's fp32 output starts it) and with a
-bf16 one, as training with bf16 parameters has it (`gpu_check.py`'s `throughput_bf16_residual`).
+bf16 one, as training with bf16 parameters has it (`gpu_check.py`'s ladder, `bf16_residual`).
 Tensors without a token dimension are the weights' bf16 copies, counted apart: they are kept once
 per micro-batch, whatever its size. The partitioner that picks what to keep is the one CUDA uses,
 so the result holds for a GPU, up to the attention kernel's own buffers.

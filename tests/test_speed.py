@@ -86,8 +86,10 @@ def test_compile_blocks_keeps_names_and_eager_paths(monkeypatch):
 
 @pytest.mark.slow
 def test_gpu_check_dry_run(tmp_path):
-    """The GPU check's steps, on CPU with tiny models (compilation makes this slow)."""
-    env = dict(os.environ, GPU_CHECK_TIMEOUT="1500", PYTHON=sys.executable)
+    """The GPU check's parts, on CPU with tiny models: the peers (litgpt's only where it is
+    installed), scion's ladder, fp8 refused with its reason and its bf16 baseline run on the
+    bundled corpus, the Trainer row, the profile and decoding."""
+    env = dict(os.environ, GPU_CHECK_TIMEOUT="1500", PYTHON=sys.executable, SCION_CACHE=str(tmp_path / "cache"))
     script = ROOT / "benchmarks" / "gpu_check.sh"
     proc = subprocess.run(["bash", str(script), str(tmp_path), "--dry-run", "--steps", "4"],
                           capture_output=True, text=True, env=env, timeout=1600)
@@ -97,19 +99,78 @@ def test_gpu_check_dry_run(tmp_path):
     assert steps["correctness"]["status"] == "ok"
     assert steps["correctness"]["kv_cache_matches_full_forward"] is True
     assert steps["fsdp_one_device"]["status"] in ("ok", "skipped")
-    for name in ("throughput", "throughput_accumulated"):
-        assert steps[name]["status"] == "ok" and steps[name]["tokens_per_s"] > 0, steps[name]
-    assert steps["throughput_accumulated"]["accumulation"] == 4
-    bf16_residual = steps["throughput_bf16_residual"]
-    assert bf16_residual["status"] == "ok" and bf16_residual["residual_stream"] == "autocast dtype"
-    assert bf16_residual["precision"] == "bf16" and bf16_residual["accumulation"] == 4
-    assert steps["throughput_accumulated"]["residual_stream"] == "fp32"
+
+    peers = steps["peers"]
+    assert peers["status"] == "ok" and peers["flop_count"]["flops_per_token"] > 0
+    ran = {name: peers[name] for name in ("scion", "litgpt", "transformers") if peers[name]["status"] == "ok"}
+    assert {"scion", "transformers"} <= set(ran) and all(r["tokens_per_s"] > 0 and "mfu" in r for r in ran.values())
+    assert len({r["params"] for r in ran.values()}) == 1  # one model, so one FLOP count for all
+    if importlib.util.find_spec("litgpt") is None:
+        assert peers["litgpt"]["status"] == "skipped" and "litgpt is not installed" in peers["litgpt"]["reason"]
+    else:
+        assert "litgpt" in ran
+
+    ladder = steps["ladder"]
+    assert ladder["status"] == "ok" and ladder["default"]["micro_batch"] == ran["scion"]["micro_batch"]
+    assert ladder["bf16_residual"]["residual_stream"] == "bf16" and ladder["bf16_residual"]["tokens_per_s"] > 0
+    assert ladder["activation_checkpointing"]["activation_checkpointing"] is True
+    assert ladder.get("loss_chunks", {}).get("status") == "skipped" or ladder["loss_chunk_tokens_0"]["status"] == "ok"
+    for fp8 in (steps["fp8_throughput"], steps["fp8_loss"]["fp8"]):  # no float8 GPU here
+        assert fp8["status"] == "skipped" and "compute capability 8.9" in fp8["reason"], fp8
+    baseline = steps["fp8_loss"]["bf16"]
+    assert baseline["status"] == "ok" and baseline["val_loss"] and baseline["final_loss"] > 0
+
+    throughput = steps["throughput"]
+    assert throughput["status"] == "ok" and throughput["tokens_per_s"] > 0 and throughput["accumulation"] == 4
+    assert "mfu" in throughput  # the CPU's measured peak is known
     assert steps["profile"]["status"] == "ok" and steps["profile"]["ms_by_kind"]["matrix products"] > 0
-    assert "mfu" in steps["throughput"]  # the CPU's measured peak is known
     assert steps["compiled_decoding"]["same_tokens"] is True
     assert results["ok"] is True
     plan_rows = json.loads((tmp_path / "memory_plan.json").read_text())  # after the check, in gpu_check.sh
     assert len(plan_rows) == 2 and all(r["plan"] > 0 and r["peak"] > 0 for r in plan_rows), plan_rows
+
+
+def test_gpu_check_picks_the_largest_micro_batch_the_memory_line_admits():
+    """The peers' search: what stays plus what each sequence adds, against 90% of the memory."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from gpu_peers import largest_fitting
+
+    gib = 2**30
+    assert largest_fitting(18 * gib, 2.9 * gib, 139 * gib) == 32  # 18 + 32 x 2.9 = 110.8 <= 125.1 < 18 + 40 x 2.9
+    assert largest_fitting(18 * gib, 4 * gib, 139 * gib) == 24  # 18 + 24 x 4 = 114 <= 125.1 < 18 + 32 x 4
+    assert largest_fitting(18 * gib, 200 * gib, 139 * gib) == 0
+
+
+@pytest.mark.parametrize("runs_out_at, time_left, expected, tried", [
+    # eager: 10 GiB + 4 a sequence -> 20 of 100 GiB; compiled, 2.5 a sequence: 32 fits too, and is faster
+    (40, 1e9, 32, ["20: 20000 tokens/s", "32: 32000 tokens/s"]),
+    (32, 1e9, 20, ["20: 20000 tokens/s", "32: out of memory"]),
+    # out of memory at the prediction: halved (the largest candidate up to 10), then one below 20 tried
+    (16, 1e9, 8, ["20: out of memory", "8: 8000 tokens/s", "16: out of memory"]),
+    (40, 0.0, 20, ["20: 20000 tokens/s", "32: predicted to fit, not tried (the part's time is spent)"]),
+])
+def test_gpu_check_search_compiles_the_prediction_then_a_larger_one(monkeypatch, runs_out_at, time_left, expected,
+                                                                     tried):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu_peers
+
+    gib = 2**30
+
+    def measure(lib, micro, seq, vocab, device, *, compile, warmup, steps):
+        if micro >= runs_out_at:
+            raise torch.OutOfMemoryError("fake")
+        return {"micro_batch": micro, "seq_len": seq, "tokens_per_s": 1000 * micro, "max_memory_GiB": 10 + 2.5 * micro,
+                "params": 1, "run_s": 1.0}
+
+    monkeypatch.setattr(gpu_peers, "device_memory", lambda device: 100 * gib)
+    monkeypatch.setattr(gpu_peers, "probe", lambda *a: {"fixed": 10 * gib, "per_sequence": 4 * gib})
+    monkeypatch.setattr(gpu_peers, "measure", measure)
+    monkeypatch.setattr(gpu_peers, "peak_flops", lambda *a: None)
+    lib = gpu_peers.Library("fake", None, None, None)
+    result = gpu_peers.best_micro_batch(lib, CFG, 32, torch.device("cpu"), compile=True, warmup=1, steps=1,
+                                        default_micro=2, time_left=lambda: time_left)
+    assert result["status"] == "ok" and result["micro_batch"] == expected
+    assert result["search"]["predicted"] == 20 and result["search"]["tried"] == tried
 
 
 # litgpt is a benchmark-only peer (benchmarks/requirements-peers.txt): CI does not have it.
