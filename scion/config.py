@@ -157,6 +157,9 @@ class TrainConfig:
     # what an out-of-memory in a step does: stop (the last checkpoint intact), or halve the
     # micro-batch, double the accumulation and redo the step
     on_oom: Literal["stop", "halve"] = "stop"
+    # the output layer and its cross-entropy run on this many tokens at a time, so the [tokens,
+    # vocab] logits never exist whole (see docs/memory.md); 0: all tokens at once
+    loss_chunk_tokens: int = 1024
 
     def validate(self, model: ModelConfig) -> None:
         for name in ["max_steps", "micro_batch_size", "log_every", "eval_every", "sample_every",
@@ -168,6 +171,9 @@ class TrainConfig:
                      "memory_limit", "hsdp_shard_size"]:
             if getattr(self, name) < 0:
                 raise ScionError(f"train.{name} must not be negative, got {getattr(self, name)}")
+        if self.loss_chunk_tokens < 0:
+            raise ScionError(f"train.loss_chunk_tokens must not be negative (0: no chunks), "
+                             f"got {self.loss_chunk_tokens}")
         if self.eval_tasks_limit is not None and self.eval_tasks_limit <= 0:
             raise ScionError(f"train.eval_tasks_limit must be positive, got {self.eval_tasks_limit}")
         if self.min_lr > self.lr:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scion.config import ModelConfig
+from scion.config import ModelConfig, TrainConfig
 
 # Called with (layer_idx, attention probabilities of shape [batch, heads, queries, keys]) when set.
 AttentionObserver = Callable[[int, torch.Tensor], None]
@@ -230,6 +230,8 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.kv_caches: list[KVCache] | None = None
+        self.loss_chunk_tokens = TrainConfig.loss_chunk_tokens  # the trainer sets train.loss_chunk_tokens
+        self.loss_chunk_step: Callable = cross_entropy_chunk  # scion.train.compile compiles it
         if cfg.position == "rope":
             cos, sin = rope_tables(cfg, cfg.max_seq_len, context=_unscaled_context(cfg))
             self.register_buffer("rope_cos", cos, persistent=False)
@@ -327,10 +329,16 @@ class Transformer(nn.Module):
 
     def output_loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy of the last block's output `h` against `targets` (-100 ignored):
-        final norm, head and loss as one unit, which `scion.train.compile` compiles like a block
-        (the softmax and the loss then fuse into one pass over the [tokens, vocab] logits)."""
-        logits = self.lm_head(self.norm(h))
-        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        final norm, head and loss as one unit, which `scion.train.compile` compiles like a block.
+        With more tokens than `loss_chunk_tokens` (0: never) the head and the loss run a chunk of
+        tokens at a time, so no [tokens, vocab] logits exist whole (see `linear_cross_entropy`)."""
+        x = self.norm(h).flatten(0, -2)
+        targets = targets.reshape(-1)
+        chunk = self.loss_chunk_tokens
+        if not chunk or x.size(0) <= chunk:
+            logits = self.lm_head(x)
+            return F.cross_entropy(logits.float(), targets, ignore_index=-100)
+        return linear_cross_entropy(x, self.lm_head.weight, targets, chunk, self.loss_chunk_step)
 
     # ---- decoding -------------------------------------------------------------------------
     def setup_kv_cache(self, batch: int, max_len: int | None = None, dtype=None) -> None:
@@ -343,6 +351,83 @@ class Transformer(nn.Module):
 
     def clear_kv_cache(self) -> None:
         self.kv_caches = None
+
+
+def cross_entropy_chunk(x, w, targets, valid, inv_count, grad_x: bool, grad_weight: bool):
+    """One chunk of `linear_cross_entropy`: the chunk's summed loss, and the gradients of the mean
+    loss w.r.t. the chunk's x [chunk, d] and w [vocab, d] (in w's dtype, the compute dtype) when
+    asked. `inv_count` is 1 / the tokens that count in the whole mean."""
+    x = x.to(w.dtype)
+    log_probs = torch.log_softmax((x @ w.t()).float(), dim=-1)
+    picked = targets.masked_fill(~valid, 0)[:, None]
+    loss = -(log_probs.gather(1, picked).squeeze(1) * valid).sum()
+    if not (grad_x or grad_weight):
+        return loss, None, None
+    # d(mean loss)/d(logits) = (softmax - one_hot(target)) * (1 / count, or 0 where ignored), in place
+    share = (valid * inv_count)[:, None]
+    probs = log_probs.exp_()
+    probs.scatter_add_(1, picked, torch.full_like(share, -1.0))
+    grad = probs.mul_(share).to(w.dtype)
+    del log_probs, probs  # under bf16 the fp32 copy goes before the matmuls
+    return loss, grad @ w if grad_x else None, grad.t() @ x if grad_weight else None
+
+
+@torch.compiler.disable  # compiled, the loop would unroll; `scion.train.compile` compiles the step instead
+def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
+                         step: Callable = cross_entropy_chunk) -> torch.Tensor:
+    """`F.cross_entropy(F.linear(x, weight).float(), targets, ignore_index=-100)` for x [tokens, d],
+    `chunk` tokens at a time (`step` does one): the logits exist one chunk at a time, in the
+    compute dtype (bf16 under autocast) with the log-softmax in fp32, as in the whole computation.
+    With gradients, each chunk's gradients of x and of the weight are made in the forward pass, as
+    Liger's fused linear cross-entropy does: the backward pass only scales them, so no matmul is
+    spent twice and no logits are kept for it."""
+    device = x.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return _LinearCrossEntropy.apply(x, weight, targets, chunk, dtype, step)
+    return _chunked(x, weight, targets, chunk, dtype, step, False, False)[0]
+
+
+def _chunked(x, weight, targets, chunk: int, dtype, step: Callable, grad_x: bool, grad_weight: bool):
+    """The mean loss, and its gradients w.r.t. x (in x's dtype) and weight (fp32) when asked.
+    With every target ignored the mean is nan and the gradients zero, as F.cross_entropy's."""
+    w = weight.to(dtype)
+    valid = targets != -100
+    count = valid.sum()
+    inv_count = 1.0 / count.clamp(min=1)
+    dx = torch.empty_like(x) if grad_x else None
+    dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grad_weight else None
+    total = torch.zeros((), dtype=torch.float32, device=x.device)
+    for start in range(0, x.size(0), chunk):
+        rows = slice(start, start + chunk)
+        loss, dx_rows, dw_part = step(x[rows], w, targets[rows], valid[rows], inv_count, grad_x, grad_weight)
+        total += loss
+        if grad_x:
+            dx[rows] = dx_rows
+        if grad_weight:
+            dw += dw_part
+    return total / count, dx, dw
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, targets, chunk: int, dtype, step):
+        loss, dx, dw = _chunked(x, weight, targets, chunk, dtype, step, *ctx.needs_input_grad[:2])
+        ctx.save_for_backward(dx, dw)
+        ctx.weight_dtype = weight.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        # Scaled in place: the weight's gradient becomes its .grad without a copy. A second
+        # backward pass through the same graph would scale twice; autograd refuses it (the saved
+        # tensors' version changed).
+        dx, dw = ctx.saved_tensors
+        if dx is not None:
+            dx.mul_(grad_loss)
+        if dw is not None:
+            dw = dw.mul_(grad_loss).to(ctx.weight_dtype)
+        return dx, dw, None, None, None, None
 
 
 def _unscaled_context(cfg: ModelConfig) -> int:

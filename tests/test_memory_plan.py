@@ -180,8 +180,10 @@ def test_on_oom_halve_continues_and_matches_the_smaller_micro_batch_bit_for_bit(
 
 
 def test_a_long_context_that_cannot_fit_is_answered_with_a_shorter_one():
-    # Qwen3-0.6B's 40,960-token context fits no micro-batch on a 24 GiB CPU; a shorter one does.
+    # Qwen3-0.6B's 40,960-token context with its logits whole (in chunks, activation checkpointing
+    # fits it) fits no micro-batch on a 24 GiB CPU; a shorter one does.
     cfg = preset("qwen3-0.6b")
+    cfg.train.loss_chunk_tokens = 0
     available = 24 * GiB
     found = fixes(cfg.model, cfg.train, available, precision="fp32", runtime=0.0)
     assert len(found) == 1 and found[0].startswith("--seq-len ")

@@ -38,5 +38,8 @@ def compile_blocks(model: Transformer, **compile_kwargs) -> Transformer:
         # The final norm, head and loss: the largest element-wise work of a step, on the
         # [tokens, vocab] logits. Only passes with targets come here (never decoding).
         model.output_loss = torch.compile(model.output_loss, **compile_kwargs)
+        # Chunked, the head and loss loop over chunks eagerly (a compiled loop would unroll, its
+        # compile time growing with the tokens) and each chunk's step runs compiled.
+        model.loss_chunk_step = torch.compile(model.loss_chunk_step, **compile_kwargs)
         model._scion_compiled = True
     return model

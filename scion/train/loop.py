@@ -176,6 +176,7 @@ class Trainer:
         self.cfg, self.tcfg = cfg, cfg.train
         self.run_dir = Path(run_dir)
         self.model = model  # the plain module: weights, sampling, saving
+        model.loss_chunk_tokens = self.tcfg.loss_chunk_tokens
         self.train_model = parallel_model or model  # what forward/backward runs through
         self.batches, self.val_batches, self.loss_fn = batches, val_batches, loss_fn
         self.tokenizer = tokenizer

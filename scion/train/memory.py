@@ -14,8 +14,11 @@ The terms, per rank, in bytes:
                   benchmarks/saved_activations.py lists them, for scion's eager blocks), or only
                   each block's input with activation checkpointing, plus the block recomputed;
                   under bf16 autocast also the weights' bf16 copies, cached once per micro-batch
-    logits/loss   `Transformer.output_loss` computes the [tokens, vocab] logits in fp32: the
-                  log-softmax it keeps, and its gradient twice over while the backward pass runs
+    logits/loss   `Transformer.output_loss`: with more tokens than train.loss_chunk_tokens, one
+                  chunk's [chunk, vocab] logits at a time and the gradients of its input and of
+                  the head's weight that it makes in the forward pass and keeps for backward;
+                  else the whole [tokens, vocab] logits in fp32: the log-softmax it keeps, and
+                  its gradient twice over while the backward pass runs
     allocator     on a CPU, what glibc's heap costs beyond the tensors: it keeps what a step
                   frees and fits the next step's tensors into it imperfectly, so a micro-batch's
                   activations and logits take CPU_HEAP times their bytes in resident memory (as
@@ -118,11 +121,22 @@ def activation_bytes_per_token(cfg: ModelConfig, precision: str) -> float:
     return attention + mlp
 
 
-def logits_bytes_per_token(cfg: ModelConfig) -> float:
-    """The output layer's peak per token: the fp32 log-softmax kept for backward, and the
-    gradients of the loss and of the logits beside it (3 fp32 [vocab] rows), plus the final
-    norm's saved tensors."""
-    return 12 * cfg.vocab_size + 12 * cfg.d_model + 4
+def logits_bytes(cfg: ModelConfig, tokens: int, chunk: int, bf16: bool) -> float:
+    """The output layer's peak for a micro-batch of `tokens`, with the final norm's saved tensors
+    (12 bytes per token and d_model, and 4). Whole (chunk 0, or no more tokens than a chunk):
+    the fp32 log-softmax kept for backward and the gradients of the loss and of the logits beside
+    it, 3 fp32 [vocab] rows per token. In chunks (`scion.model.linear_cross_entropy`): the
+    gradients it keeps for backward, of its input (fp32, per token) and of the head's weight
+    (fp32), and one chunk's working set: its fp32 logits and their log-softmax side by side
+    (2 fp32 [vocab] rows per token of the chunk), and its part of the weight's gradient in the
+    compute dtype."""
+    d, vocab = cfg.d_model, cfg.vocab_size
+    norm = tokens * (12 * d + 4)
+    if not chunk or tokens <= chunk:
+        return norm + tokens * 12 * vocab
+    kept = tokens * 4 * d + 4 * vocab * d
+    working = chunk * 8 * vocab + vocab * d * (2 if bf16 else 4)
+    return norm + kept + working
 
 
 @dataclass
@@ -204,7 +218,7 @@ def plan_memory(
         acts += 2 * (s.params - s.embed_params)  # autocast's bf16 copies of the matmul weights
     if parallel in SHARDED_LAYOUTS:  # the root and the blocks gathered whole (one ahead), one block's gradients
         acts += (2 if bf16 and device_kind == "cuda" else 4) * (s.root_params + 3 * s.block_params)
-    logits = tokens * logits_bytes_per_token(model)
+    logits = logits_bytes(model, tokens, train.loss_chunk_tokens, bf16)
     allocator = (CPU_HEAP - 1) * (acts + logits) if device_kind == "cpu" else 0.0
 
     accum = max(1, (train.tokens_per_step or 0) // (tokens * ranks)) if train.tokens_per_step else 1
