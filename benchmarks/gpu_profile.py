@@ -4,9 +4,11 @@
     python benchmarks/gpu_profile.py OUT_DIR --micro-batch 8 --accum 2
     python benchmarks/gpu_profile.py OUT_DIR --dry-run              # a tiny model on CPU (rehearsal)
     python benchmarks/gpu_profile.py OUT_DIR --cpu --preset small --micro-batch 8 --accum 1   # the CPU's split
+    python benchmarks/gpu_profile.py OUT_DIR --cpu --preset small --micro-batch 8 --accum 1 --precision bf16
 
 The step is scion's own Trainer step, as `benchmarks/gpu_check.py` times it (bf16 autocast, compiled
-blocks, fused AdamW, clipping): a few steps warm it up (compilation), a few more give its wall
+blocks, fused AdamW, clipping; --precision as `scion pretrain` takes it, auto by default: bf16 on a
+GPU, fp32 on a CPU without native bf16): a few steps warm it up (compilation), a few more give its wall
 time, and one more runs under torch.profiler. Every kernel (on CPU: every operator's own time)
 is sorted by its name into matrix products, attention, optimizer and clipping, casts and
 copies, fused element-wise work (inductor's kernels) and the rest; the sum against the wall
@@ -34,7 +36,7 @@ from torch.autograd import DeviceType  # noqa: E402
 from scion.config import ModelConfig, RunConfig, preset  # noqa: E402
 from scion.model import Transformer, flops_per_token  # noqa: E402
 from scion.train.compile import compile_blocks  # noqa: E402
-from scion.train.device import describe_machine, peak_flops  # noqa: E402
+from scion.train.device import describe_machine, peak_flops, resolve_precision  # noqa: E402
 
 # Kernel or operator names, lower-cased, by kind; the first kind whose pattern matches wins.
 KINDS = [
@@ -42,7 +44,9 @@ KINDS = [
     ("matrix products", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "aten::mm", "aten::addmm",
                          "aten::bmm", "aten::linear", "mkl")),
     ("optimizer and clipping", ("adam", "multi_tensor", "foreach", "lpnorm", "norm_kernel")),
-    ("cross-entropy", ("log_softmax", "nll_loss", "cross_entropy")),
+    # whole (log_softmax, nll_loss) or a chunk of tokens at a time (logsumexp, then the gradient
+    # of the logits made in place: scatter_add)
+    ("cross-entropy", ("log_softmax", "nll_loss", "cross_entropy", "logsumexp", "scatter_add")),
     ("casts and copies", ("to_copy", "copy_", "direct_copy", "cast")),
     ("fused element-wise (compiled)", ("triton", "compiledfxgraph", "cpp_fused")),
     ("element-wise (eager)", ("elementwise", "reduce_kernel", "aten::mul", "aten::add", "aten::silu",
@@ -215,8 +219,10 @@ def print_tables(result: dict) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out", help="folder for gpu_profile.json")
-    ap.add_argument("--dry-run", action="store_true", help="a tiny model on CPU, fp32")
-    ap.add_argument("--cpu", action="store_true", help="--preset on this machine's CPU, fp32")
+    ap.add_argument("--dry-run", action="store_true", help="a tiny model on CPU")
+    ap.add_argument("--cpu", action="store_true", help="--preset on this machine's CPU")
+    ap.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                    help="as scion pretrain takes it (auto: bf16 on a GPU; on a CPU bf16 only where it is native)")
     ap.add_argument("--preset", default="tinyllama-1.1b")
     ap.add_argument("--micro-batch", type=int, default=16)
     ap.add_argument("--accum", type=int, default=2, help="micro-batches in the profiled step")
@@ -227,15 +233,16 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
 
     if args.dry_run:
-        device, precision, cfg, micro = torch.device("cpu"), "fp32", RunConfig(model=TINY), min(args.micro_batch, 4)
+        device, cfg, micro = torch.device("cpu"), RunConfig(model=TINY), min(args.micro_batch, 4)
         torch.set_num_threads(2)
     elif args.cpu:
-        device, precision, cfg, micro = torch.device("cpu"), "fp32", preset(args.preset), args.micro_batch
+        device, cfg, micro = torch.device("cpu"), preset(args.preset), args.micro_batch
     else:
         if not torch.cuda.is_available():
             sys.exit("gpu_profile: no CUDA device here; use --dry-run to rehearse on CPU")
-        device, precision, cfg, micro = torch.device("cuda"), "bf16", preset(args.preset), args.micro_batch
+        device, cfg, micro = torch.device("cuda"), preset(args.preset), args.micro_batch
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    precision = resolve_precision(args.precision, device)
     result = profile_training(cfg, device, precision, micro, args.accum, args.steps, compile=not args.no_compile,
                               run_dir=out / "profile")
     result["machine"] = describe_machine(device)

@@ -257,14 +257,16 @@ def test_gpu_peak_follows_the_name_precision_and_tf32(monkeypatch, name, precisi
     assert peak_flops(torch.device("cuda", 0), precision, tf32=tf32) == expected
 
 
-def test_gpu_profile_dry_run_sorts_the_step_into_kinds(tmp_path):
-    """The profile script's rehearsal on CPU: every kind of work found, each matrix-product shape
-    of the model timed, results written."""
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_gpu_profile_dry_run_sorts_the_step_into_kinds(tmp_path, precision):
+    """The profile script's rehearsal on CPU, in the precision asked for: every kind of work
+    found, each matrix-product shape of the model timed, results written."""
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_profile.py"), str(tmp_path),
-                           "--dry-run", "--no-compile", "--steps", "1"],
+                           "--dry-run", "--no-compile", "--steps", "1", "--precision", precision],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = json.loads((tmp_path / "gpu_profile.json").read_text())
+    assert result["precision"] == precision and f"sequence 64, {precision}:" in proc.stdout
     kinds = result["ms_by_kind"]
     assert {"matrix products", "attention", "optimizer and clipping", "cross-entropy"} <= set(kinds)
     assert all(ms > 0 for ms in kinds.values())
