@@ -44,9 +44,9 @@ KINDS = [
     ("matrix products", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "aten::mm", "aten::addmm",
                          "aten::bmm", "aten::linear", "mkl")),
     ("optimizer and clipping", ("adam", "multi_tensor", "foreach", "lpnorm", "norm_kernel")),
-    # whole (log_softmax, nll_loss) or a chunk of tokens at a time (logsumexp, then the gradient
-    # of the logits made in place: scatter_add)
-    ("cross-entropy", ("log_softmax", "nll_loss", "cross_entropy", "logsumexp", "scatter_add")),
+    # whole (log_softmax, nll_loss) or a chunk of tokens at a time (log_softmax, then the
+    # logits' gradient made in place: scatter_add)
+    ("cross-entropy", ("log_softmax", "nll_loss", "cross_entropy", "scatter_add")),
     ("casts and copies", ("to_copy", "copy_", "direct_copy", "cast")),
     ("fused element-wise (compiled)", ("triton", "compiledfxgraph", "cpp_fused")),
     ("element-wise (eager)", ("elementwise", "reduce_kernel", "aten::mul", "aten::add", "aten::silu",
