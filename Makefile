@@ -37,7 +37,7 @@ $(STAMP): pyproject.toml $(LOCK)
 	@mkdir -p $(dir $(STAMP)) && touch $(STAMP)
 
 test: $(STAMP)
-	$(PYTHON) -m pytest
+	$(PYTHON) -m pytest $(PYTEST_ARGS)
 
 test-slow: $(STAMP)
 	$(PYTHON) -m pytest -m slow

@@ -32,6 +32,16 @@ if TEST_PRECISION:
 PRECISIONS = ["fp32", "bf16"]
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """`named_precision` marks a test that names its precision (a `precision` parameter):
+    SCION_TEST_PRECISION leaves it as it is, so a second pass on the other path can skip it
+    (`-m "not named_precision"`, as .ci/run does)."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and callspec.params.get("precision") in PRECISIONS:
+            item.add_marker(pytest.mark.named_precision)
+
+
 def pytest_report_header(config) -> str:
     from scion.train.device import describe_machine
 
