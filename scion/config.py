@@ -159,7 +159,7 @@ class TrainConfig:
     on_oom: Literal["stop", "halve"] = "stop"
     # the output layer and its cross-entropy run on this many tokens at a time, so the [tokens,
     # vocab] logits never exist whole (see docs/memory.md); 0: all tokens at once
-    loss_chunk_tokens: int = 1024
+    loss_chunk_tokens: int = 2048
 
     def validate(self, model: ModelConfig) -> None:
         for name in ["max_steps", "micro_batch_size", "log_every", "eval_every", "sample_every",

@@ -354,9 +354,10 @@ class Transformer(nn.Module):
 
 
 def cross_entropy_chunk(x, w, targets, valid, inv_count, grad_x: bool, grad_weight: bool):
-    """One chunk of `linear_cross_entropy`: the chunk's summed loss, and the gradients of the mean
-    loss w.r.t. the chunk's x [chunk, d] and w [vocab, d] (in w's dtype, the compute dtype) when
-    asked. `inv_count` is 1 / the tokens that count in the whole mean."""
+    """One chunk of `linear_cross_entropy`: the chunk's summed loss, and, when asked, the gradient
+    of the mean loss w.r.t. the chunk's x [chunk, d] and w.r.t. its logits [chunk, vocab] (in w's
+    dtype, the compute dtype), from which the caller adds the weight's share in place.
+    `inv_count` is 1 / the tokens that count in the whole mean."""
     x = x.to(w.dtype)
     log_probs = torch.log_softmax((x @ w.t()).float(), dim=-1)
     picked = targets.masked_fill(~valid, 0)[:, None]
@@ -369,7 +370,7 @@ def cross_entropy_chunk(x, w, targets, valid, inv_count, grad_x: bool, grad_weig
     probs.scatter_add_(1, picked, torch.full_like(share, -1.0))
     grad = probs.mul_(share).to(w.dtype)
     del log_probs, probs  # under bf16 the fp32 copy goes before the matmuls
-    return loss, grad @ w if grad_x else None, grad.t() @ x if grad_weight else None
+    return loss, grad @ w if grad_x else None, grad if grad_weight else None
 
 
 @torch.compiler.disable  # compiled, the loop would unroll; `scion.train.compile` compiles the step instead
@@ -400,12 +401,16 @@ def _chunked(x, weight, targets, chunk: int, dtype, step: Callable, grad_x: bool
     total = torch.zeros((), dtype=torch.float32, device=x.device)
     for start in range(0, x.size(0), chunk):
         rows = slice(start, start + chunk)
-        loss, dx_rows, dw_part = step(x[rows], w, targets[rows], valid[rows], inv_count, grad_x, grad_weight)
+        loss, dx_rows, grad_logits = step(x[rows], w, targets[rows], valid[rows], inv_count, grad_x, grad_weight)
         total += loss
         if grad_x:
             dx[rows] = dx_rows
-        if grad_weight:
-            dw += dw_part
+        if grad_weight:  # accumulated in place: no [vocab, d] temporary per chunk
+            x_rows = x[rows].to(grad_logits.dtype)
+            if grad_logits.dtype == dw.dtype:
+                dw.addmm_(grad_logits.t(), x_rows)
+            else:
+                dw += grad_logits.t() @ x_rows
     return total / count, dx, dw
 
 

@@ -144,7 +144,7 @@ def test_every_target_ignored_gives_what_cross_entropy_gives():
 
 
 def test_the_chunk_size_is_a_training_setting(run_scion):
-    assert TrainConfig().loss_chunk_tokens == Transformer(CFG).loss_chunk_tokens == 1024
+    assert TrainConfig().loss_chunk_tokens == Transformer(CFG).loss_chunk_tokens == 2048
     with pytest.raises(ScionError, match="loss_chunk_tokens must not be negative"):
         TrainConfig(loss_chunk_tokens=-1).validate(CFG)
     proc = run_scion("plan", "--loss-chunk-tokens", "-1", check=False)
@@ -274,7 +274,7 @@ def test_the_memory_plan_counts_one_chunk_of_logits():
 
 def test_scion_plan_shows_the_chunks_saving(run_scion):
     """tinyllama-1.1b at micro-batch 8 x 2048 tokens in bf16: the whole logits are 6.23 GiB of the
-    plan (`--loss-chunk-tokens 0`), chunks of 1024 tokens (the default) about a sixth of that."""
+    plan (`--loss-chunk-tokens 0`), chunks of 2048 tokens (the default) about a fifth of that."""
     from scion.config import preset
 
     out = run_scion("plan", "--preset", "tinyllama-1.1b", "--device", "h100-80gb", "--micro-batch-size", "8",
@@ -283,4 +283,4 @@ def test_scion_plan_shows_the_chunks_saving(run_scion):
     cfg = preset("tinyllama-1.1b")
     chunked = plan_memory(cfg.model, dataclasses.replace(cfg.train, micro_batch_size=8), precision="bf16",
                           device_kind="cuda").logits / 2**30
-    assert whole == pytest.approx(6.23, abs=0.01) and chunked == pytest.approx(1.11, abs=0.01)
+    assert whole == pytest.approx(6.23, abs=0.01) and chunked == pytest.approx(1.35, abs=0.01)
