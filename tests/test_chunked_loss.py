@@ -13,10 +13,8 @@ and after it in the other)."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import socket
-from pathlib import Path
 
 import pytest
 import torch
@@ -27,6 +25,7 @@ from scion.errors import ScionError
 from scion.model import Transformer
 from scion.train.memory import plan_memory
 from tests.conftest import PRECISIONS, TINY_ARGS
+from tests.test_distributed import losses
 
 pytestmark = pytest.mark.precision
 
@@ -221,16 +220,6 @@ def test_fsdp_gives_the_gradients_of_one_process(tmp_path):
 # ---- training ----------------------------------------------------------------------------------
 
 
-def metric_losses(run: Path) -> dict[tuple[str, int], float]:
-    out = {}
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        for key in ("loss", "val_loss"):
-            if key in rec:
-                out[(key, rec["step"])] = rec[key]
-    return out
-
-
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_pretraining_in_chunks_follows_the_whole_computation(run_scion, corpus, tmp_path, precision):
     """`scion pretrain` with 256-token micro-batches in chunks of 100 tokens and without chunks:
@@ -241,7 +230,7 @@ def test_pretraining_in_chunks_follows_the_whole_computation(run_scion, corpus, 
         out = tmp_path / f"chunk{chunk}"
         run_scion("pretrain", "--data", corpus, "--out", out, *TINY_ARGS, "--max-steps", "8",
                   "--data.val-fraction", "0.2", "--precision", precision, "--loss-chunk-tokens", chunk)
-        runs[chunk] = metric_losses(out)
+        runs[chunk] = losses(out)
     assert runs[0].keys() == runs[100].keys() and len(runs[0]) >= 6
     rel = 1e-6 if precision == "fp32" else 1e-3
     for key, want in runs[0].items():
