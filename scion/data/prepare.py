@@ -163,10 +163,18 @@ def _prepare(paths: list[str], tokenizer: Tokenizer, out: Path, opts: PrepareOpt
         return batch, tokenizer.encode_batch([b[4] for b in batch])
 
     def flush(done) -> None:
+        # Consecutive pieces of one file and split are written at once: a corpus of short records
+        # (a Parquet data set of paragraphs, say) would otherwise spend its time in small writes.
         batch, encoded = done.result()
+        runs: list[tuple[dict, int, str, list[int]]] = []
         for (record, file_index, split, add_eos, _), ids in zip(batch, encoded, strict=True):
-            arr = np.asarray(ids + [eos] if add_eos else ids, dtype=dtype)
-            writers[split].write(file_index, arr, record)
+            if not runs or runs[-1][0] is not record or runs[-1][2] != split:
+                runs.append((record, file_index, split, []))
+            runs[-1][3].extend(ids)
+            if add_eos:
+                runs[-1][3].append(eos)
+        for record, file_index, split, ids in runs:
+            writers[split].write(file_index, np.asarray(ids, dtype=dtype), record)
 
     # Pieces stream into the batch and the batch goes to the tokenizer as soon as it is full, so
     # memory holds about two batches whatever the sizes of the files.
@@ -176,13 +184,14 @@ def _prepare(paths: list[str], tokenizer: Tokenizer, out: Path, opts: PrepareOpt
             record = {**source.record(), "index": file_index, "bytes": sizes[file_index], "documents": 0}
             try:
                 piece_index = 0
+                split = "val" if goes_to_val(file_index, 0, opts.val_fraction) else "train"
                 for text, ends_doc in source.pieces(opts.text_field, opts.piece_chars):
-                    split = "val" if goes_to_val(file_index, piece_index, opts.val_fraction) else "train"
                     next_split = "val" if goes_to_val(file_index, piece_index + 1, opts.val_fraction) else "train"
                     batch.append((record, file_index, split, ends_doc or next_split != split, text))
                     batch_chars += len(text)
                     record["documents"] += ends_doc
                     piece_index += 1
+                    split = next_split
                     if batch_chars >= BATCH_CHARS:
                         # Queue this batch before writing the previous one: the tokenizer never waits.
                         submitted = pool.submit(encode, batch)
