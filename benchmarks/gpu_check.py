@@ -473,14 +473,9 @@ def check_ladder(model: ModelConfig, seq: int, device, run: dict, default: dict,
             rows[name] = failure(e)
 
     at_default("bf16_residual", scion_library(model, device, bf16_residual=True))
-    chunk = getattr(TrainConfig, "loss_chunk_tokens", None)
-    if chunk is None:
-        # TODO: the chunked output layer's switch (train.loss_chunk_tokens) is not in this scion yet;
-        # once it is, this row measures the step with it flipped.
-        rows["loss_chunks"] = skipped("this scion has no train.loss_chunk_tokens (the chunked output layer)")
-    else:
-        flipped = 0 if chunk else 1024
-        at_default(f"loss_chunk_tokens_{flipped}", scion_library(model, device, loss_chunk_tokens=flipped))
+    # The output layer the other way round: whole where the default chunks it, in chunks otherwise.
+    flipped = 0 if TrainConfig.loss_chunk_tokens else 2048
+    at_default(f"loss_chunk_tokens_{flipped}", scion_library(model, device, loss_chunk_tokens=flipped))
     if reason := clock.lacks(BUDGET_S["ladder"] / 3):
         rows["activation_checkpointing"] = skipped(reason)
     else:
