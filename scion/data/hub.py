@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from scion.data.readers import BadFile, split_long
+from scion.data.readers import BadFile, document_pieces
 from scion.errors import ScionError
 
 PREFIX = "hf:"
@@ -78,10 +78,7 @@ class HubShard:
         return key
 
     def pieces(self, text_field: str, max_chars: int) -> Iterator[tuple[str, bool]]:
-        for doc in self.source.texts(self.shard, text_field):
-            pieces = split_long(doc, max_chars)
-            for i, piece in enumerate(pieces):
-                yield piece, i == len(pieces) - 1
+        return document_pieces(self.source.texts(self.shard, text_field), max_chars)
 
 
 @dataclass

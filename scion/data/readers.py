@@ -96,6 +96,11 @@ def read_pieces(path: Path, text_field: str = "text", max_chars: int = 1 << 15) 
             yield from _read_text_pieces(path, max_chars)
             return
         docs = _read_jsonl(path, text_field)
+    yield from document_pieces(docs, max_chars)
+
+
+def document_pieces(docs, max_chars: int) -> Iterator[tuple[str, bool]]:
+    """(piece, ends_document) for each document of `docs`, cut as `split_long` cuts."""
     for doc in docs:
         pieces = split_long(doc, max_chars)
         for i, piece in enumerate(pieces):

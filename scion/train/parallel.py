@@ -75,7 +75,7 @@ def parallelize(
     if precision == "fp8":  # first, as in torchtitan: float8 Linear layers under AC, compile and FSDP
         from scion.train.float8 import convert_to_float8
 
-        convert_to_float8(model, fsdp_all_gather=parallel in ("fsdp", "hsdp") and world.size > 1)
+        convert_to_float8(model, fsdp_all_gather=parallel in SHARDED_LAYOUTS and world.size > 1)
         precision = "bf16"  # everything else runs as in bf16
     if activation_checkpointing:
         apply_activation_checkpointing(model)
