@@ -322,6 +322,32 @@ def test_data_scores_are_exact_on_raw_text(random_model, tmp_path):
     assert scores.bits_per_byte == pytest.approx(total / math.log(2) / scores.bytes, rel=1e-5)
 
 
+def test_a_data_sets_split_scores_as_its_text_does(random_model, tmp_path):
+    """`--data hf:FOLDER --split test` streams that split: the same scores as its records in a
+    JSONL file; `max_tokens` stops reading early and scores the same first tokens."""
+    pytest.importorskip("datasets")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    model, tok, _ = random_model
+    docs = [f"{TEXT} record {i}" for i in range(6)]
+    (tmp_path / "hub" / "data").mkdir(parents=True)
+    pq.write_table(pa.table({"text": docs[:4]}), tmp_path / "hub" / "data" / "test-00000-of-00002.parquet")
+    pq.write_table(pa.table({"text": docs[4:]}), tmp_path / "hub" / "data" / "test-00001-of-00002.parquet")
+    pq.write_table(pa.table({"text": ["unused"]}), tmp_path / "hub" / "data" / "train-00000-of-00001.parquet")
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    hub = f"hf:{tmp_path / 'hub'}"
+    streamed = evaluate_data(model, tok, [hub], split="test", batch_size=2, progress=False)
+    local = evaluate_data(model, tok, [str(tmp_path / "test.jsonl")], batch_size=2, progress=False)
+    assert streamed == local and streamed.bytes == sum(len(d.encode()) for d in docs)
+    first = evaluate_data(model, tok, [hub], split="test", max_tokens=20, batch_size=2, progress=False)
+    assert first == evaluate_data(model, tok, [str(tmp_path / "test.jsonl")], max_tokens=20, batch_size=2,
+                                  progress=False)
+    assert first.tokens == 20
+    with pytest.raises(ScionError, match=r"no split 'validation' \(splits: train, test\); set --split"):
+        evaluate_data(model, tok, [hub], progress=False)
+
+
 def test_data_prepared_with_another_tokenizer_is_refused(random_model, tmp_path):
     from scion.data.prepare import PrepareOptions, prepare
 

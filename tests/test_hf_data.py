@@ -170,6 +170,21 @@ def test_pretrain_on_a_data_set_and_its_cache(tmp_path, run_scion, cache_dir, hu
     assert resolve_datasets(cfg, 512, log=lambda m: None)[1] != [before]
 
 
+def test_tokenizer_train_on_a_data_set_as_on_its_files(tmp_path, run_scion, hub):
+    """`scion tokenizer train --data hf:FOLDER --split train` streams the split's text into the
+    same BPE that its Parquet files give as local files."""
+    from_hub, from_files = tmp_path / "hub-tok", tmp_path / "file-tok"
+    log = run_scion("tokenizer", "train", "--data", f"hf:{hub}", "--split", "train", "--vocab-size", "400",
+                    "--out", from_hub).stderr
+    assert "on 5 files" in log
+    run_scion("tokenizer", "train", "--data", *train_files(hub), "--vocab-size", "400", "--out", from_files)
+    assert (from_hub / "tokenizer.json").read_text() == (from_files / "tokenizer.json").read_text()
+    proc = run_scion("tokenizer", "train", "--data", f"hf:{hub}", "--split", "validation", "--vocab-size", "400",
+                     "--out", tmp_path / "none", check=False)
+    assert proc.returncode == 2 and "no split 'validation' (splits: train, test)" in proc.stderr
+    assert not (tmp_path / "none").exists()
+
+
 def scion_offline(cache: Path, hf_home: Path, *args) -> subprocess.CompletedProcess:
     env = {**scion_env(cache), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(hf_home),
            "HF_DATASETS_CACHE": str(hf_home / "datasets")}
@@ -181,6 +196,7 @@ def test_a_hub_name_offline_fails_in_one_line(tmp_path, cache_dir, tokenizer):
     tok = tokenizer.save(tmp_path / "tok")
     out = tmp_path / "out"
     for args in (("prepare", "--data", "hf:someone/no-such-corpus:en", "--tokenizer", tok, "--out", out),
+                 ("tokenizer", "train", "--data", "hf:someone/no-such-corpus:en", "--out", out),
                  ("pretrain", "--data", "hf:someone/no-such-corpus:en", "--out", tmp_path / "run", *TINY_ARGS)):
         proc = scion_offline(cache_dir, tmp_path / "hf-home", *args)
         assert proc.returncode == 2, proc.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -390,21 +391,65 @@ def test_chat_drops_the_oldest_turns_to_fit_the_context(tokenizer):
         session.prompt("sky " * 100)
 
 
-def test_hub_names_go_through_load_dataset(tmp_path, monkeypatch):
-    """hf:NAME is `datasets.load_dataset(NAME, split=...)`; a local folder stands in for the Hub."""
+def test_hub_data_sets_are_streamed_by_config_and_split(tmp_path, monkeypatch):
+    """hf:NAME[:CONFIG] and --split, as `scion prepare` reads them; a folder laid out as the hub
+    lays one out stands in for the hub. The older hf:NAME:SPLIT still reads that split."""
     pytest.importorskip("datasets")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     hub = tmp_path / "hub-copy"
-    hub.mkdir()
-    _jsonl(
-        hub / "train.jsonl",
-        [{"instruction": "say hi", "output": "hi"}, {"instruction": "say yo", "output": "yo"}],
-    )
+    (hub / "data").mkdir(parents=True)
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    other = [{"role": "system", "content": "be brief"}, *chat]
+    pq.write_table(pa.table({"messages": [chat, chat]}), hub / "data" / "train-00000-of-00002.parquet")
+    pq.write_table(pa.table({"messages": [other]}), hub / "data" / "train-00001-of-00002.parquet")
+    no = [{"role": "user", "content": "say no"}, {"role": "assistant", "content": "no"}]
+    pq.write_table(pa.table({"messages": [no]}), hub / "data" / "test-00000-of-00001.parquet")
+
     records = read_records([f"hf:{hub}"])
-    assert [c[-1]["content"] for c in records.conversations] == ["hi", "yo"]
-    with pytest.raises(ScionError, match=r"hf:.*could not load this data set"):
+    assert records.conversations == [chat, chat, other]
+    assert records.sources == [f"hf:{hub}"]
+    assert read_records([f"hf:{hub}"], split="test").conversations[0][1]["content"] == "no"
+    assert read_records([f"hf:{hub}:test"]).conversations == read_records([f"hf:{hub}"], split="test").conversations
+    with pytest.raises(ScionError, match=r"hf:.*hub-copy:validation: no config 'validation'"):
         read_records([f"hf:{hub}:validation"])
+    with pytest.raises(ScionError, match=r"no split 'validation' \(splits: train, test\); set --split"):
+        read_records([f"hf:{hub}"], split="validation")
+
+    configs = tmp_path / "configs"  # the layout push_to_hub writes for two configs
+    for name, answer in (("short", "a"), ("long", "a b c")):
+        (configs / name).mkdir(parents=True)
+        pq.write_table(pa.table({"instruction": ["q"], "output": [answer]}),
+                       configs / name / "train-00000-of-00001.parquet")
+    assert read_records([f"hf:{configs}:long"]).conversations[0][1]["content"] == "a b c"
+
+    import datasets
+
+    saved = tmp_path / "saved"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list([{"instruction": "q", "output": "t"}]),
+                          "dev": datasets.Dataset.from_list([{"instruction": "q", "output": "d"}])}).save_to_disk(saved)
+    assert read_records([str(saved)], split="dev").conversations[0][1]["content"] == "d"
+    assert read_records([f"hf:{saved}"], split="dev").conversations[0][1]["content"] == "d"
+    with pytest.raises(ScionError, match=r"no 'test' split \(has train, dev\); set --split"):
+        read_records([str(saved)], split="test")
+
+
+def test_a_hub_data_set_offline_is_one_line(tmp_path):
+    """In a fresh process (datasets reads HF_*_OFFLINE when imported): the line that names the
+    data set and the download that fixes it, as `scion prepare` gives it."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("datasets")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")}
+    code = ("from scion.errors import ScionError\nfrom scion.sft.records import read_records\n"
+            "try:\n    read_records(['hf:someone/no-such-chats'])\nexcept ScionError as e:\n    print(e)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120).stdout
+    assert out.startswith("hf:someone/no-such-chats: the data set is not available offline"), out
+    assert "hf download --repo-type dataset someone/no-such-chats" in out
 
 
 def test_a_hugging_face_source_needs_the_interop_package(tmp_path, monkeypatch):

@@ -178,6 +178,12 @@ def test_bad_input_gets_one_clear_line(tiny_run, tmp_path, capsys):
     assert code == 2 and "already exists" in err and "--resume" in err
     code, err = scion("chat", tiny_run)
     assert code == 2 and "no chat template" in err
+    hub = tmp_path / "hub" / "data"
+    hub.mkdir(parents=True)
+    shutil.copy(data, hub / "train-00000-of-00001.jsonl")
+    code, err = scion("sft", tiny_run, "--data", f"hf:{hub.parent}", "--split", "dev", "--out", tmp_path / "v")
+    assert code == 2 and "no split 'dev' (splits: train); set --split" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "v").exists()
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ examples:
   scion eval runs/a --tasks arc_easy,piqa --checkpoints all    # every checkpoint: scores vs tokens seen
   scion eval runs/a --data shards/                             # loss, perplexity, bits per byte (val split)
   scion eval runs/a --data notes.txt
+  scion eval runs/a --data hf:Salesforce/wikitext:wikitext-103-raw-v1 --split test --max-tokens 1000000
   scion eval path/to/hf-model --tasks piqa                     # a Hugging Face model, converted in memory
 """
 
@@ -35,7 +36,9 @@ def main(argv: list[str]) -> int:
                    help="a paper's table by name (tinyllama, inheritune-zeroshot, inheritune-mmlu) or a suite "
                         "YAML file: its tasks, each with its own shots and metric")
     p.add_argument("--data", nargs="+", default=None, metavar="PATH",
-                   help="prepared shard folders (their validation split) or raw text files/folders")
+                   help="prepared shard folders (their validation split), raw text files/folders, or "
+                        "hf:NAME[:CONFIG] data sets")
+    p.add_argument("--split", default="validation", help="split of an hf: --data set (default validation)")
     p.add_argument("--checkpoint", default=None, help="step number or checkpoint name (default: latest)")
     p.add_argument("--checkpoints", default=None, metavar="WHICH",
                    help="evaluate several checkpoints of a run: all, milestones, or comma-separated steps")
@@ -97,8 +100,8 @@ def main(argv: list[str]) -> int:
             from scion.evaluate.perplexity import evaluate_data
 
             scores = evaluate_data(model, tok, args.data, seq_len=args.seq_len, batch_size=args.batch_size,
-                                   max_tokens=args.max_tokens, text_field=args.text_field, device=device,
-                                   precision=precision)
+                                   max_tokens=args.max_tokens, text_field=args.text_field, split=args.split,
+                                   device=device, precision=precision)
             row["data"] = scores.to_dict()
             print(f"{name}: loss {scores.loss:.4f} | perplexity {scores.perplexity:.3f} | bits per byte "
                   f"{scores.bits_per_byte:.4f} | {scores.tokens:,} tokens, {scores.bytes:,} bytes")

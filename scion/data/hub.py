@@ -94,22 +94,40 @@ class HubSource:
 
     def texts(self, shard: int, text_field: str) -> Iterator[str]:
         """The non-empty texts of one shard, read a record batch at a time."""
+        for table in self._batches(shard):
+            if text_field not in table.column_names:
+                raise ScionError(f"{self.spec}: no {text_field!r} column (columns: "
+                                 f"{', '.join(table.column_names)}); set --text-field")
+            yield from filter(None, table.column(text_field).to_pylist())
+
+    def records(self) -> Iterator[dict]:
+        """Every record of the split, shard by shard, as a dict of its columns."""
+        for shard in range(len(self.shards)):
+            for table in self._batches(shard):
+                yield from table.to_pylist()
+
+    def _batches(self, shard: int):
         import pyarrow as pa
+        from datasets.table import CastError
 
         part = self.dataset.shard(num_shards=self.dataset.num_shards, index=shard)
         try:
-            for table in part.with_format("arrow").iter(batch_size=BATCH_ROWS):
-                if text_field not in table.column_names:
-                    raise ScionError(f"{self.spec}: no {text_field!r} column (columns: "
-                                     f"{', '.join(table.column_names)}); set --text-field")
-                yield from filter(None, table.column(text_field).to_pylist())
+            yield from part.with_format("arrow").iter(batch_size=BATCH_ROWS)
         except pa.ArrowInvalid as e:  # a corrupt data file: skipped or refused as a bad local file is
             raise BadFile(f"not readable ({str(e).splitlines()[0]})") from e
+        except CastError as e:  # a file whose columns are not the data set's
+            raise BadFile(f"{self.shards[shard].data_file}: its columns differ from the data set's first file's "
+                          f"({' '.join(str(e).split())[:200]})") from e
 
 
-def open_source(spec: str, split: str, text_field: str) -> HubSource:
+class UnknownConfig(ScionError):
+    """The data set has no config of the name given after NAME:."""
+
+
+def open_source(spec: str, split: str, text_field: str | None = "text") -> HubSource:
     """The data set `spec` names, ready to stream by shard; a bad name, config, split or text
-    field, or a data set not to be had offline, is refused here in one line."""
+    field (None: records are read whole), or a data set not to be had offline, is refused here in
+    one line."""
     name, config = parse(spec)
     try:
         import datasets
@@ -141,8 +159,10 @@ def open_source(spec: str, split: str, text_field: str) -> HubSource:
             f"(hf download --repo-type dataset {name} --local-dir DIR) and pass --data {local_copy}"
         ) from e
     except (OSError, ValueError) as e:
-        raise ScionError(f"{spec}: {_explain(e, name)}") from e
-    _check_text_field(source, text_field)
+        unknown_config = config is not None and "BuilderConfig" in str(e) and "not found" in str(e)
+        raise (UnknownConfig if unknown_config else ScionError)(f"{spec}: {_explain(e, name)}") from e
+    if text_field is not None:
+        _check_text_field(source, text_field)
     return source
 
 

@@ -55,7 +55,9 @@ def _cached(kind: str, key: str, build) -> Path:
     return final
 
 
-def _texts_for_training(inputs: list[Input | Path], text_field: str, bad_files: str):
+def texts_for_training(inputs: list[Input | Path], text_field: str, bad_files: str):
+    """The texts a tokenizer trains on, piece by piece as preparation reads them; a bad input is
+    skipped or, with bad_files="error", refused."""
     for f in inputs:
         f = FileInput(f) if isinstance(f, Path) else f
         try:
@@ -77,7 +79,7 @@ def resolve_tokenizer(cfg: DataConfig, raw: list[Input], vocab_size: int, log=pr
 
     def build(folder: Path) -> None:
         log(f"training a {vocab_size}-token BPE tokenizer on {len(raw)} files ...")
-        tok = train_bpe(_texts_for_training(raw, cfg.text_field, cfg.bad_files), vocab_size)
+        tok = train_bpe(texts_for_training(raw, cfg.text_field, cfg.bad_files), vocab_size)
         tok.save(folder)
 
     return load_tokenizer(_cached("tokenizers", key, build))

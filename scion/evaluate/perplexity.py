@@ -1,5 +1,6 @@
 """Validation loss, perplexity and bits per byte of a model on prepared token shards (their
-validation split) or on raw text (.txt, .jsonl, .parquet files or folders).
+validation split) or on raw text (.txt, .jsonl, .parquet files or folders, or a split of an
+`hf:NAME[:CONFIG]` data set, streamed).
 
 Every token is predicted exactly once: the stream is cut into windows of `seq_len + 1` tokens
 that overlap by one. Raw text is tokenized the way `scion prepare` does it (documents end with
@@ -20,11 +21,14 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from scion.data.dataset import TokenSplit, is_prepared, read_manifest
-from scion.data.readers import BadFile, expand_paths, read_pieces
+from scion.data.inputs import expand_inputs
+from scion.data.readers import BadFile
 from scion.errors import ScionError
 from scion.model import Transformer
 from scion.tokenizer import Tokenizer
 from scion.train.device import autocast
+
+PIECE_CHARS = 1 << 15  # text is read and tokenized in pieces of about this many characters
 
 
 @dataclass
@@ -52,17 +56,24 @@ def prepared_stream(folder: Path, tokenizer: Tokenizer) -> tuple[np.ndarray, int
     return tokens, len(tokenizer.decode(tokens[1:].tolist(), skip_special_tokens=True).encode("utf-8"))
 
 
-def raw_stream(paths: list[str], tokenizer: Tokenizer, text_field: str = "text") -> tuple[np.ndarray, int]:
+def raw_stream(paths: list[str], tokenizer: Tokenizer, text_field: str = "text", split: str = "validation",
+               max_tokens: int | None = None) -> tuple[np.ndarray, int]:
+    """The tokens of the raw text under `paths` (a data set's `split`) and its UTF-8 bytes; with
+    `max_tokens`, reading stops soon after that many (a hub-sized data set is never read whole)."""
     tokens, nbytes = [tokenizer.eos_id], 0
-    for f in expand_paths(paths):
+    for source in expand_inputs(paths, split, text_field):
         try:
-            for text, ends_doc in read_pieces(f, text_field):
+            for text, ends_doc in source.pieces(text_field, PIECE_CHARS):
                 tokens.extend(tokenizer.encode(text))
                 nbytes += len(text.encode("utf-8"))
                 if ends_doc:
                     tokens.append(tokenizer.eos_id)
+                if max_tokens is not None and len(tokens) > max_tokens + 1:
+                    break
         except BadFile as e:
-            raise ScionError(f"{f}: {e}") from e
+            raise ScionError(f"{source.name}: {e}") from e
+        if max_tokens is not None and len(tokens) > max_tokens + 1:
+            break
     if nbytes == 0:
         raise ScionError(f"{', '.join(paths)}: no text to evaluate")
     return np.asarray(tokens, dtype=np.int64), nbytes
@@ -83,7 +94,7 @@ def windows(tokens: np.ndarray, seq_len: int, batch_size: int) -> Iterator[tuple
 @torch.inference_mode()
 def evaluate_data(model: Transformer, tokenizer: Tokenizer, paths: list[str], *, seq_len: int | None = None,
                   batch_size: int = 8, max_tokens: int | None = None, text_field: str = "text",
-                  device: torch.device | None = None, precision: str = "fp32",
+                  split: str = "validation", device: torch.device | None = None, precision: str = "fp32",
                   progress: bool = True) -> DataScores:
     """Scores over every token of `paths` (or the first `max_tokens` of each dataset)."""
     seq_len = seq_len or model.cfg.max_seq_len
@@ -95,7 +106,7 @@ def evaluate_data(model: Transformer, tokenizer: Tokenizer, paths: list[str], *,
     if prepared:
         parts = [prepared_stream(Path(p), tokenizer) for p in prepared]
     else:
-        parts = [raw_stream(paths, tokenizer, text_field)]
+        parts = [raw_stream(paths, tokenizer, text_field, split, max_tokens)]
     if any(int(t.max()) >= model.cfg.vocab_size for t, _ in parts):
         raise ScionError(f"{', '.join(paths)}: token ids exceed the model's vocabulary "
                          f"({model.cfg.vocab_size}); the data was made with another tokenizer")

@@ -44,8 +44,10 @@ class SFTConfig:
 
     # the model to fine-tune: a scion run or checkpoint folder, or a Hugging Face model
     source: tyro.conf.Positional[str] = ""
-    # Alpaca or conversation JSONL/JSON/Parquet files, folders, a saved `datasets` folder, hf:NAME
+    # Alpaca or conversation JSONL/JSON/Parquet files, folders, a saved `datasets` folder, hf:NAME[:CONFIG]
     data: list[str] = field(default_factory=list)
+    # the split of an hf: data set or a saved DatasetDict
+    split: str = "train"
     # chatml, alpaca or a .jinja file (None: the tokenizer's own template, else chatml)
     template: Annotated[str | None, tyro.conf.arg(name="chat-template")] = None
     # with a .jinja template: the token that ends an answer

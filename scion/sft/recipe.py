@@ -156,7 +156,7 @@ def sft(
             )
         cfg.model = model_cfg
 
-    records = read_records(options.data, options.bad_records)
+    records = read_records(options.data, options.bad_records, options.split)
     train_convs, val_convs = split_conversations(records.conversations, cfg.data.val_fraction, cfg.train.seed)
     seq_len = cfg.train.sequence_length(cfg.model)
     examples, rep = make_examples(

@@ -7,7 +7,9 @@ records (one per JSONL line, Parquet row or `datasets` row):
     {"instruction": ..., "input": ..., "output": ..., "system"?}     Alpaca ("input" may be empty)
 
 Sources: .jsonl/.json files, .parquet files, folders of them, a folder written by
-`datasets.Dataset.save_to_disk`, or `hf:NAME[:SPLIT]` for a Hugging Face Hub data set.
+`datasets.Dataset.save_to_disk`, or `hf:NAME[:CONFIG]` for a Hugging Face data set's split
+(streamed as `scion prepare` streams one; `hf:NAME:SPLIT`, where the data set has no config of
+that name, still reads that split).
 Records that do not fit are collected with their file and line; the caller decides whether
 they are skipped (and reported) or refuse the whole run.
 """
@@ -51,14 +53,14 @@ class Records:
     sources: list[str] = field(default_factory=list)
 
 
-def read_records(paths: list[str], bad_records: str = "skip") -> Records:
-    """All conversations of the given sources, in order. With bad_records="error" the first
-    record that does not fit stops everything with its location."""
+def read_records(paths: list[str], bad_records: str = "skip", split: str = "train") -> Records:
+    """All conversations of the given sources (of an hf: data set, its `split`), in order. With
+    bad_records="error" the first record that does not fit stops everything with its location."""
     if bad_records not in ("skip", "error"):
         raise ScionError(f"bad_records must be 'skip' or 'error', got {bad_records!r}")
     out = Records()
     for source in paths:
-        for where, record in _iter_source(str(source), out):
+        for where, record in _iter_source(str(source), out, split):
             messages = to_messages(record)
             if isinstance(messages, str):
                 bad = BadRecord(where, messages)
@@ -122,17 +124,20 @@ def to_messages(record) -> Conversation | str:
 # ---- sources -----------------------------------------------------------------------------------
 
 
-def _iter_source(source: str, out: Records) -> Iterator[tuple[str, object]]:
+def _iter_source(source: str, out: Records, split: str) -> Iterator[tuple[str, object]]:
     if source.startswith("hf:"):
         out.sources.append(source)
-        yield from _iter_dataset(_load_hub(source[3:]), source)
+        try:
+            yield from _iter_dataset(_open_hub(source, split).records(), source)
+        except BadFile as e:
+            raise ScionError(f"{source}: {e}") from e
         return
     path = Path(source).expanduser()
     if not path.exists():
         raise ScionError(f"{path}: no such file or folder (a Hugging Face Hub data set is named hf:NAME)")
     if path.is_dir() and _is_saved_dataset(path):
         out.sources.append(str(path))
-        yield from _iter_dataset(_load_saved(path), str(path))
+        yield from _iter_dataset(_load_saved(path, split), str(path))
         return
     files = (
         [path]
@@ -169,7 +174,7 @@ def _is_saved_dataset(path: Path) -> bool:
     )
 
 
-def _load_saved(path: Path):
+def _load_saved(path: Path, split: str):
     try:
         import datasets
     except ImportError as e:
@@ -179,24 +184,25 @@ def _load_saved(path: Path):
     except Exception as e:
         raise ScionError(f"{path}: not a readable saved data set ({e})") from e
     if isinstance(ds, datasets.DatasetDict):
-        if "train" not in ds:
-            raise ScionError(f"{path}: the saved data set has no 'train' split (has {', '.join(ds)})")
-        ds = ds["train"]
+        if split not in ds:
+            raise ScionError(f"{path}: the saved data set has no {split!r} split (has {', '.join(ds)}); set --split")
+        ds = ds[split]
     return ds
 
 
-def _load_hub(spec: str):
-    """`datasets.load_dataset(NAME, split=SPLIT)` for hf:NAME[:SPLIT] (default split: train)."""
+def _open_hub(spec: str, split: str):
+    """The split of the data set hf:NAME[:CONFIG] names, streamed. The older hf:NAME:SPLIT still
+    reads as a split where the data set has no config of that name."""
+    from scion.data.hub import UnknownConfig, open_source, parse
+
     try:
-        import datasets
-    except ImportError as e:
-        raise ScionError(f"hf:{spec}: loading a Hub data set needs `pip install datasets`") from e
-    name, _, split = spec.partition(":")
-    try:
-        return datasets.load_dataset(name, split=split or "train")
-    except Exception as e:  # offline, unknown name, missing split: datasets raises many types
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ScionError(f"hf:{spec}: could not load this data set ({first})") from e
+        return open_source(spec, split, text_field=None)
+    except UnknownConfig as no_config:
+        name, older_split = parse(spec)
+        try:
+            return open_source(f"hf:{name}", older_split, text_field=None)
+        except ScionError:
+            raise no_config from None
 
 
 def _iter_dataset(ds, where: str) -> Iterator[tuple[str, object]]:
