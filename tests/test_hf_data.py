@@ -185,6 +185,19 @@ def test_tokenizer_train_on_a_data_set_as_on_its_files(tmp_path, run_scion, hub)
     assert not (tmp_path / "none").exists()
 
 
+def test_a_data_file_with_other_columns_is_a_bad_file(tmp_path, tokenizer):
+    """A data file whose columns are not the first file's: skipped with a count as a bad local file
+    is, or refused in one line naming it with bad_files="error"."""
+    odd = hub_folder(tmp_path / "odd", files=3)
+    pq.write_table(pa.table({"body": documents(1)}), odd / "data" / "train-00001-of-00003.parquet")
+    manifest = prepare([f"hf:{odd}"], tokenizer, tmp_path / "skip", options())
+    skipped = [r for r in manifest["files"] if r.get("skipped")]
+    assert [r["data_file"] for r in skipped] == ["data/train-00001-of-00003.parquet"]
+    assert "its columns differ from the data set's first file's" in skipped[0]["skipped"]
+    with pytest.raises(ScionError, match=r"train-00001-of-00003.parquet: its columns differ .*--bad-files skip"):
+        prepare([f"hf:{odd}"], tokenizer, tmp_path / "error", options(bad_files="error"))
+
+
 def scion_offline(cache: Path, hf_home: Path, *args) -> subprocess.CompletedProcess:
     env = {**scion_env(cache), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(hf_home),
            "HF_DATASETS_CACHE": str(hf_home / "datasets")}

@@ -103,8 +103,11 @@ class HubSource:
     def records(self) -> Iterator[dict]:
         """Every record of the split, shard by shard, as a dict of its columns."""
         for shard in range(len(self.shards)):
-            for table in self._batches(shard):
-                yield from table.to_pylist()
+            try:
+                for table in self._batches(shard):
+                    yield from table.to_pylist()
+            except BadFile as e:
+                raise BadFile(f"{self.shards[shard].data_file}: {e}") from e
 
     def _batches(self, shard: int):
         import pyarrow as pa
@@ -116,8 +119,8 @@ class HubSource:
         except pa.ArrowInvalid as e:  # a corrupt data file: skipped or refused as a bad local file is
             raise BadFile(f"not readable ({str(e).splitlines()[0]})") from e
         except CastError as e:  # a file whose columns are not the data set's
-            raise BadFile(f"{self.shards[shard].data_file}: its columns differ from the data set's first file's "
-                          f"({' '.join(str(e).split())[:200]})") from e
+            why = " ".join(str(e).split())[:200]
+            raise BadFile(f"its columns differ from the data set's first file's ({why})") from e
 
 
 class UnknownConfig(ScionError):
