@@ -90,6 +90,7 @@ def main(argv: list[str]) -> int:
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
 
     rows = []
+    streams = {}  # the --data tokens by tokenizer: read once, whatever the number of checkpoints
     for which in refs:
         model, tok, cfg = load_reference(args.model, checkpoint=which, device=device)
         if tok is None:
@@ -97,11 +98,14 @@ def main(argv: list[str]) -> int:
         name, step, tokens = checkpoint_label(args.model, which, run_dir)
         row = {"checkpoint": name, "step": step, "tokens": tokens}
         if args.data:
-            from scion.evaluate.perplexity import evaluate_data
+            from scion.evaluate.perplexity import evaluate_data, token_streams
 
+            key = tok.fingerprint()
+            if key not in streams:
+                streams[key] = token_streams(tok, args.data, max_tokens=args.max_tokens, text_field=args.text_field,
+                                             split=args.split)
             scores = evaluate_data(model, tok, args.data, seq_len=args.seq_len, batch_size=args.batch_size,
-                                   max_tokens=args.max_tokens, text_field=args.text_field, split=args.split,
-                                   device=device, precision=precision)
+                                   device=device, precision=precision, streams=streams[key])
             row["data"] = scores.to_dict()
             print(f"{name}: loss {scores.loss:.4f} | perplexity {scores.perplexity:.3f} | bits per byte "
                   f"{scores.bits_per_byte:.4f} | {scores.tokens:,} tokens, {scores.bytes:,} bytes")

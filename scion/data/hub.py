@@ -28,6 +28,7 @@ from scion.data.readers import BadFile, document_pieces
 from scion.errors import ScionError
 
 PREFIX = "hf:"
+NO_SUCH_CONFIG = re.compile(r"BuilderConfig '([^']*)' not found")  # what `datasets` says of an unknown config
 BATCH_ROWS = 1024  # records read at once: a record batch of text, never a whole shard
 
 
@@ -162,7 +163,7 @@ def open_source(spec: str, split: str, text_field: str | None = "text") -> HubSo
             f"(hf download --repo-type dataset {name} --local-dir DIR) and pass --data {local_copy}"
         ) from e
     except (OSError, ValueError) as e:
-        unknown_config = config is not None and "BuilderConfig" in str(e) and "not found" in str(e)
+        unknown_config = config is not None and NO_SUCH_CONFIG.search(" ".join(str(e).split()))
         raise (UnknownConfig if unknown_config else ScionError)(f"{spec}: {_explain(e, name)}") from e
     if text_field is not None:
         _check_text_field(source, text_field)
@@ -189,7 +190,7 @@ def _explain(e: Exception, name: str) -> str:
     configs = configs.group(1).replace("'", "") if configs else "see the data set's card"
     if "Config name is missing" in text:
         return f"the data set has several configs; pick one as hf:{name}:CONFIG (configs: {configs})"
-    if m := re.search(r"BuilderConfig '([^']*)' not found", text):
+    if m := NO_SUCH_CONFIG.search(text):
         return f"no config {m.group(1)!r} (configs: {configs}); write hf:{name}:CONFIG"
     return first
 

@@ -22,13 +22,12 @@ from tqdm import tqdm
 
 from scion.data.dataset import TokenSplit, is_prepared, read_manifest
 from scion.data.inputs import expand_inputs
+from scion.data.prepare import PrepareOptions
 from scion.data.readers import BadFile
 from scion.errors import ScionError
 from scion.model import Transformer
 from scion.tokenizer import Tokenizer
 from scion.train.device import autocast
-
-PIECE_CHARS = 1 << 15  # text is read and tokenized in pieces of about this many characters
 
 
 @dataclass
@@ -60,18 +59,19 @@ def raw_stream(paths: list[str], tokenizer: Tokenizer, text_field: str = "text",
                max_tokens: int | None = None) -> tuple[np.ndarray, int]:
     """The tokens of the raw text under `paths` (a data set's `split`) and its UTF-8 bytes; with
     `max_tokens`, reading stops soon after that many (a hub-sized data set is never read whole)."""
+    def pieces():
+        for source in expand_inputs(paths, split, text_field):
+            try:
+                yield from source.pieces(text_field, PrepareOptions.piece_chars)  # as `scion prepare` reads
+            except BadFile as e:
+                raise ScionError(f"{source.name}: {e}") from e
+
     tokens, nbytes = [tokenizer.eos_id], 0
-    for source in expand_inputs(paths, split, text_field):
-        try:
-            for text, ends_doc in source.pieces(text_field, PIECE_CHARS):
-                tokens.extend(tokenizer.encode(text))
-                nbytes += len(text.encode("utf-8"))
-                if ends_doc:
-                    tokens.append(tokenizer.eos_id)
-                if max_tokens is not None and len(tokens) > max_tokens + 1:
-                    break
-        except BadFile as e:
-            raise ScionError(f"{source.name}: {e}") from e
+    for text, ends_doc in pieces():
+        tokens.extend(tokenizer.encode(text))
+        nbytes += len(text.encode("utf-8"))
+        if ends_doc:
+            tokens.append(tokenizer.eos_id)
         if max_tokens is not None and len(tokens) > max_tokens + 1:
             break
     if nbytes == 0:
@@ -91,15 +91,10 @@ def windows(tokens: np.ndarray, seq_len: int, batch_size: int) -> Iterator[tuple
         yield tail[:, :-1], tail[:, 1:]
 
 
-@torch.inference_mode()
-def evaluate_data(model: Transformer, tokenizer: Tokenizer, paths: list[str], *, seq_len: int | None = None,
-                  batch_size: int = 8, max_tokens: int | None = None, text_field: str = "text",
-                  split: str = "validation", device: torch.device | None = None, precision: str = "fp32",
-                  progress: bool = True) -> DataScores:
-    """Scores over every token of `paths` (or the first `max_tokens` of each dataset)."""
-    seq_len = seq_len or model.cfg.max_seq_len
-    if not 0 < seq_len <= model.cfg.max_seq_len:
-        raise ScionError(f"--seq-len must be between 1 and the model's context ({model.cfg.max_seq_len})")
+def token_streams(tokenizer: Tokenizer, paths: list[str], *, max_tokens: int | None = None, text_field: str = "text",
+                  split: str = "validation") -> list[tuple[np.ndarray, int]]:
+    """(tokens, UTF-8 bytes) of each dataset under `paths` (raw text: one), the first `max_tokens`
+    of each: what `evaluate_data` scores, made once for any number of models sharing `tokenizer`."""
     prepared = [p for p in paths if is_prepared(p)]
     if prepared and len(prepared) != len(paths):
         raise ScionError("give either prepared shard folders or raw text to --data, not both")
@@ -107,11 +102,26 @@ def evaluate_data(model: Transformer, tokenizer: Tokenizer, paths: list[str], *,
         parts = [prepared_stream(Path(p), tokenizer) for p in prepared]
     else:
         parts = [raw_stream(paths, tokenizer, text_field, split, max_tokens)]
+    if max_tokens is not None:
+        parts = [_truncate(t, n, max_tokens, tokenizer) for t, n in parts]
+    return parts
+
+
+@torch.inference_mode()
+def evaluate_data(model: Transformer, tokenizer: Tokenizer, paths: list[str], *, seq_len: int | None = None,
+                  batch_size: int = 8, max_tokens: int | None = None, text_field: str = "text",
+                  split: str = "validation", device: torch.device | None = None, precision: str = "fp32",
+                  progress: bool = True, streams: list[tuple[np.ndarray, int]] | None = None) -> DataScores:
+    """Scores over every token of `paths` (or the first `max_tokens` of each dataset); `streams`:
+    their `token_streams`, made already."""
+    seq_len = seq_len or model.cfg.max_seq_len
+    if not 0 < seq_len <= model.cfg.max_seq_len:
+        raise ScionError(f"--seq-len must be between 1 and the model's context ({model.cfg.max_seq_len})")
+    parts = streams if streams is not None else token_streams(tokenizer, paths, max_tokens=max_tokens,
+                                                              text_field=text_field, split=split)
     if any(int(t.max()) >= model.cfg.vocab_size for t, _ in parts):
         raise ScionError(f"{', '.join(paths)}: token ids exceed the model's vocabulary "
                          f"({model.cfg.vocab_size}); the data was made with another tokenizer")
-    if max_tokens is not None:
-        parts = [_truncate(t, n, max_tokens, tokenizer) for t, n in parts]
     device = device or next(model.parameters()).device
     model.eval()
     total_nats, total_tokens = 0.0, 0
