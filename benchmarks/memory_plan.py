@@ -4,8 +4,10 @@ against the peak measured, row by row.
     python benchmarks/memory_plan.py                                # tiny, small, tinyllama-1.1b
     python benchmarks/memory_plan.py --presets tiny small --precisions fp32
     python benchmarks/memory_plan.py --presets tinyllama-1.1b --micro 1 --precisions fp32 --no-fsdp
+    python benchmarks/memory_plan.py --presets small --micro 16 32 --ckpt yes --only-fsdp
 
-Each row runs in a fresh process (FSDP rows: 2 freshly spawned gloo ranks), so peaks never mix:
+Each row runs in a fresh process (FSDP rows: 2 freshly spawned gloo ranks, fp32, with and
+without activation checkpointing as --ckpt says), so peaks never mix:
 scion's Trainer, with the model, precision, activation checkpointing and sharding that
 `scion pretrain` gives them, trains 2 steps on random tokens (the second step is the first with
 the optimizer's moments allocated: the steady state). Measured: the process's peak resident set
@@ -110,6 +112,7 @@ def main() -> None:
     ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
     ap.add_argument("--seq", type=int, default=0, help="sequence length (default: the preset's)")
     ap.add_argument("--no-fsdp", action="store_true", help="leave out the FSDP rows (2 gloo ranks)")
+    ap.add_argument("--only-fsdp", action="store_true", help="only the FSDP rows (2 gloo ranks, fp32)")
     ap.add_argument("--ckpt", choices=["both", "no", "yes"], default="both", help="activation checkpointing rows")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)
@@ -130,9 +133,9 @@ def main() -> None:
     for name in args.presets:
         micros = args.micro or MICRO.get(name, (1, 2))
         ckpts = {"both": (False, True), "no": (False,), "yes": (True,)}[args.ckpt]
-        shapes = [(p, c, 1) for p in args.precisions for c in ckpts]
+        shapes = [] if args.only_fsdp else [(p, c, 1) for p in args.precisions for c in ckpts]
         if not args.no_fsdp:
-            shapes.append(("fp32", False, 2))
+            shapes += [("fp32", c, 2) for c in ckpts]
         for precision, ckpt, ranks in shapes:
             for m in micros:
                 row = {**base, "preset": name, "micro": m, "precision": precision, "ckpt": ckpt, "ranks": ranks}

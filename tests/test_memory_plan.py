@@ -16,7 +16,16 @@ from safetensors.torch import load_file
 
 from scion import checkpoint as ckpt
 from scion.config import ModelConfig, TrainConfig, preset
-from scion.train.memory import GiB, Shapes, fixes, largest_micro_batch, named_device, plan_memory
+from scion.train.memory import (
+    CPU_CKPT_HEAP,
+    GiB,
+    Shapes,
+    activation_bytes_per_token,
+    fixes,
+    largest_micro_batch,
+    named_device,
+    plan_memory,
+)
 from tests.conftest import TINY_ARGS, scion_env
 
 # TINY_ARGS's model, counted by hand: embedding 512 x 64; per block q 64x64, k and v 64x32 (2 KV
@@ -65,6 +74,30 @@ def test_activations_grow_with_the_micro_batch_and_shrink_with_checkpointing():
     # bf16 autocast keeps the matmul weights' bf16 copies (all but the embedding) once per micro-batch.
     bf16 = plan_memory(TINY, t, precision="bf16", micro_batch=2, runtime=0.0)
     assert bf16.activations > 2 * (PARAMS - 512 * 64)
+
+
+def test_checkpointed_heap_slack_counts_what_glibc_serves_from_its_heap():
+    # With checkpointing on a CPU the allocator term is CPU_CKPT_HEAP times the blocks' inputs and
+    # one block's tensors, those under glibc's 32 MiB mmap ceiling. TINY's block, fp32, per token:
+    # two norms of [input, x/rms, statistics, output] (256, 256, 4, 256 bytes), q 256, k 128,
+    # v 128, attention output 256, log-sum-exp 16, and SwiGLU's four [128] tensors (512 each).
+    per_block = activation_bytes_per_token(TINY, "fp32")
+    assert per_block == 2 * (3 * 256 + 4) + 256 + 128 + 128 + 256 + 16 + 4 * 512
+    t = TrainConfig(activation_checkpointing=True, seq_len=64)
+    few = plan_memory(TINY, t, precision="fp32", micro_batch=4, runtime=0.0)  # 256 tokens: all on the heap
+    assert few.allocator == CPU_CKPT_HEAP * 256 * (2 * 4 * 64 + per_block)
+    # At 65,536 tokens the MLP's tensors are 32 MiB each and mapped on their own; the rest (16 MiB
+    # and under) is still the heap's.
+    many = plan_memory(TINY, t, precision="fp32", micro_batch=1024, runtime=0.0)
+    assert many.allocator == CPU_CKPT_HEAP * 65536 * (2 * 4 * 64 + per_block - 4 * 512)
+    # The slack is still resident at the optimizer step; a GPU's peak has none.
+    assert many.total == many.weights + many.optimizer + max(many.gradients, many.activations + many.logits
+                                                             + 4 * 64 * 512) + many.allocator
+    assert plan_memory(TINY, t, precision="fp32", micro_batch=1024, device_kind="cuda").allocator == 0
+    # FSDP gathers the root and the blocks whole and frees them again, block by block: heap churn too.
+    fsdp = plan_memory(TINY, dataclasses.replace(t, parallel="fsdp"), precision="fp32", ranks=2, micro_batch=4,
+                       runtime=0.0)
+    assert fsdp.allocator - few.allocator == pytest.approx(CPU_CKPT_HEAP * 4 * (PARAMS - 2 * BLOCK + 3 * BLOCK))
 
 
 def test_the_largest_micro_batch_that_fits_fits_and_the_next_does_not():

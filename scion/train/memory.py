@@ -21,16 +21,19 @@ The terms, per rank, in bytes:
                   its gradient twice over while the backward pass runs
     allocator     on a CPU, what glibc's heap costs beyond the tensors: it keeps what a step
                   frees and fits the next step's tensors into it imperfectly, so a micro-batch's
-                  activations and logits take CPU_HEAP times their bytes in resident memory (as
-                  benchmarks/memory_plan.py measured it); nothing on a GPU, whose peak is counted
-                  in tensor bytes (torch.cuda.max_memory_allocated)
+                  activations and logits take CPU_HEAP times their bytes in resident memory;
+                  with activation checkpointing, CPU_CKPT_HEAP times the blocks' inputs, one
+                  recomputed block's tensors and FSDP's gathered weights, those of them the
+                  heap serves (both as benchmarks/memory_plan.py measured them); nothing on a
+                  GPU, whose peak is counted in tensor bytes (torch.cuda.max_memory_allocated)
     runtime       what is resident before the model exists: on a CPU the process itself (Python,
                   torch, the tokenizer; measured), on a GPU the CUDA context (a fixed reserve)
 
 The peak is the larger of the backward pass of a micro-batch (weights, optimizer state, the
 activations and logits, and the gradients accumulated so far: all of them from the second
 micro-batch of a step on, only the output layer's at the start of the first) and the optimizer
-step (weights, gradients and moments), as `benchmarks/memory_plan.py` measures it.
+step (weights, gradients and moments), as `benchmarks/memory_plan.py` measures it, plus the
+allocator's slack, which the heap still holds at the optimizer step.
 """
 
 from __future__ import annotations
@@ -51,6 +54,16 @@ CUDA_CONTEXT = 1 * GiB  # the CUDA context and allocator slack: outside torch's 
 # preset (fp32 and bf16, with and without activation checkpointing, FSDP), and the issue's
 # tinyllama-1.1b bf16 micro-batch 1 run (23.85 GB = 22.2 GiB peak) is planned at 22.6 GiB with it.
 CPU_HEAP = 1.35
+# With activation checkpointing the tensors a micro-batch makes are freed and made again block
+# by block, and the heap's slack is CPU_CKPT_HEAP times those of them it serves (`heap_bytes`):
+# each block's input, one block recomputed, and under FSDP the weights it gathers. torch allocates
+# tensors with posix_memalign, and glibc (before 2.38) does not reuse a freed chunk of a tensor's
+# exact size for the next tensor of that size (the aligned request is a few bytes larger), so the
+# churn lands on fresh heap. Fitted on 20 checkpointed rows (tiny, small and tinyllama-1.1b, fp32
+# and bf16, 2,048 to 65,536 tokens a micro-batch; within 0.89-1.13 of the measured peak) and
+# checked on 10 more (other shapes, FSDP, GPT-2; 0.86-1.07): docs/benchmarks.md.
+CPU_CKPT_HEAP = 1.9
+GLIBC_MMAP_MAX = 32 * 2**20  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit
 MAX_MICRO_BATCH = 4096
 
 # Well-known devices and the memory a training process can use on each (GiB as nvidia-smi
@@ -87,6 +100,8 @@ class Shapes:
     root_params: int  # embeddings, final norm and head: FSDP's root unit
     head_params: int  # the output layer's own (0 when tied to the embedding)
     embed_params: int  # lookups, never cast to bf16 by autocast
+    block_tensors: tuple[int, ...] = ()  # one block's parameters, each one's size
+    root_tensors: tuple[int, ...] = ()  # the root's (embeddings, final norm, head)
 
     @classmethod
     def of(cls, cfg: ModelConfig) -> Shapes:
@@ -95,30 +110,45 @@ class Shapes:
         with torch.device("meta"):  # shapes without memory
             model = Transformer(cfg)
         params = model.num_params()
-        block = sum(p.numel() for p in model.blocks[0].parameters())
+        block = tuple(p.numel() for p in model.blocks[0].parameters())
+        in_blocks = {id(p) for p in model.blocks.parameters()}
+        root = tuple(p.numel() for p in model.parameters() if id(p) not in in_blocks)
         embed = model.embed.weight.numel() + (model.pos_embed.weight.numel() if cfg.position == "learned" else 0)
         head = 0 if cfg.tie_embeddings else model.lm_head.weight.numel()
-        return cls(params, block, params - cfg.n_layer * block, head, embed)
+        return cls(params, sum(block), params - cfg.n_layer * sum(block), head, embed, block, root)
 
 
-def activation_bytes_per_token(cfg: ModelConfig, precision: str) -> float:
-    """Bytes one block keeps for backward per token, eager, as a saved-tensor hook lists them:
-    each norm's fp32 input and statistics (and its output once in fp32, or one bf16 copy per
-    projection that reads it under autocast), attention's q, k, v, output and log-sum-exp, the
-    MLP's inner tensors (SwiGLU: gate, its SiLU, up and their product; GELU: up and its GELU)."""
+def block_tensors_per_token(cfg: ModelConfig, precision: str) -> list[float]:
+    """Bytes per token of each tensor one block keeps for backward, eager, as a saved-tensor hook
+    lists them: each norm's fp32 input and statistics (RMSNorm also its normalized input) and its
+    output once in fp32, or one bf16 copy per projection that reads it under autocast; attention's
+    q, k, v, output and log-sum-exp; the MLP's inner tensors (SwiGLU: gate, its SiLU, up and their
+    product; GELU: up and its GELU)."""
     a = 2 if precision in ("bf16", "fp8") else 4  # fp8 runs all but its Linear products as bf16
     d, f = cfg.d_model, cfg.ffn_hidden
     heads = cfg.n_head * cfg.dim_per_head
     kv = cfg.kv_heads * cfg.dim_per_head
     swiglu = cfg.mlp == "swiglu"
 
-    def norm(readers: int) -> float:
-        kept = 8 * d + 4 if cfg.norm == "rmsnorm" else 4 * d + 8  # input (and x/rms), statistics
-        return kept + (readers * 2 * d if a == 2 else 4 * d)
+    def norm(readers: int) -> list[float]:
+        kept = [4 * d, 4 * d, 4] if cfg.norm == "rmsnorm" else [4 * d, 8]  # input (and x/rms), statistics
+        return kept + ([2 * d] * readers if a == 2 else [4 * d])
 
-    attention = norm(3) + a * (2 * heads + 2 * kv) + 4 * cfg.n_head
-    mlp = norm(2 if swiglu else 1) + a * (4 if swiglu else 2) * f
+    attention = norm(3) + [a * heads, a * kv, a * kv, a * heads, 4 * cfg.n_head]
+    mlp = norm(2 if swiglu else 1) + [a * f] * (4 if swiglu else 2)
     return attention + mlp
+
+
+def activation_bytes_per_token(cfg: ModelConfig, precision: str) -> float:
+    """Bytes one block keeps for backward per token (`block_tensors_per_token`, summed)."""
+    return sum(block_tensors_per_token(cfg, precision))
+
+
+def heap_bytes(tensor_bytes: list[float], tokens: int) -> float:
+    """What of these tensors, for `tokens` tokens, glibc serves from its heap: those under its
+    mmap threshold, which rises with what is freed but never past GLIBC_MMAP_MAX. Larger ones are
+    mapped on their own and returned whole when freed."""
+    return sum(b * tokens for b in tensor_bytes if b * tokens < GLIBC_MMAP_MAX)
 
 
 def logits_bytes(cfg: ModelConfig, tokens: int, chunk: int, bf16: bool) -> float:
@@ -216,10 +246,19 @@ def plan_memory(
         acts = tokens * model.n_layer * per_block
     if bf16 and not (device_kind == "cuda" and parallel in SHARDED_LAYOUTS):
         acts += 2 * (s.params - s.embed_params)  # autocast's bf16 copies of the matmul weights
-    if parallel in SHARDED_LAYOUTS:  # the root and the blocks gathered whole (one ahead), one block's gradients
-        acts += (2 if bf16 and device_kind == "cuda" else 4) * (s.root_params + 3 * s.block_params)
+    gathered: list[float] = []  # FSDP: the root and the blocks gathered whole (one ahead), one block's gradients
+    if parallel in SHARDED_LAYOUTS:
+        gathered = [(2 if bf16 and device_kind == "cuda" else 4) * n for n in s.root_tensors + 3 * s.block_tensors]
+        acts += sum(gathered)
     logits = logits_bytes(model, tokens, train.loss_chunk_tokens, bf16)
-    allocator = (CPU_HEAP - 1) * (acts + logits) if device_kind == "cpu" else 0.0
+    if device_kind != "cpu":
+        allocator = 0.0
+    elif train.activation_checkpointing:
+        made = heap_bytes([4 * model.d_model], tokens) * model.n_layer  # each block's input
+        made += heap_bytes(block_tensors_per_token(model, precision), tokens) + heap_bytes(gathered, 1)
+        allocator = CPU_CKPT_HEAP * made
+    else:
+        allocator = (CPU_HEAP - 1) * (acts + logits)
 
     accum = max(1, (train.tokens_per_step or 0) // (tokens * ranks)) if train.tokens_per_step else 1
     # During a micro-batch's backward the gradients held are all of them once a step has
@@ -227,7 +266,8 @@ def plan_memory(
     held = grads if accum > 1 else 4 * (s.head_params or s.embed_params) / shard
     if runtime is None:
         runtime = resident_bytes() if device_kind == "cpu" else CUDA_CONTEXT
-    total = runtime + weights + optimizer + max(grads, acts + logits + allocator + held)
+    # The heap's slack outlives the backward pass: it is still resident at the optimizer step.
+    total = runtime + weights + optimizer + max(grads, acts + logits + held) + allocator
     return MemoryPlan(weights, grads, optimizer, acts, logits, allocator, runtime, total, m, accum, ranks, parallel,
                       precision, train.activation_checkpointing, trainable, device_kind, shard)
 
