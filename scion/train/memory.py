@@ -96,12 +96,18 @@ class Shapes:
     """The parameter counts the plan needs, from the model's config alone."""
 
     params: int  # all parameters (tied weights once)
-    block_params: int  # one block's
-    root_params: int  # embeddings, final norm and head: FSDP's root unit
     head_params: int  # the output layer's own (0 when tied to the embedding)
     embed_params: int  # lookups, never cast to bf16 by autocast
-    block_tensors: tuple[int, ...] = ()  # one block's parameters, each one's size
-    root_tensors: tuple[int, ...] = ()  # the root's (embeddings, final norm, head)
+    block_tensors: tuple[int, ...]  # one block's parameters, each one's size
+    root_tensors: tuple[int, ...]  # FSDP's root unit: embeddings, final norm and head
+
+    @property
+    def block_params(self) -> int:
+        return sum(self.block_tensors)
+
+    @property
+    def root_params(self) -> int:
+        return sum(self.root_tensors)
 
     @classmethod
     def of(cls, cfg: ModelConfig) -> Shapes:
@@ -109,13 +115,12 @@ class Shapes:
 
         with torch.device("meta"):  # shapes without memory
             model = Transformer(cfg)
-        params = model.num_params()
         block = tuple(p.numel() for p in model.blocks[0].parameters())
         in_blocks = {id(p) for p in model.blocks.parameters()}
         root = tuple(p.numel() for p in model.parameters() if id(p) not in in_blocks)
         embed = model.embed.weight.numel() + (model.pos_embed.weight.numel() if cfg.position == "learned" else 0)
         head = 0 if cfg.tie_embeddings else model.lm_head.weight.numel()
-        return cls(params, sum(block), params - cfg.n_layer * sum(block), head, embed, block, root)
+        return cls(model.num_params(), head, embed, block, root)
 
 
 def block_tensors_per_token(cfg: ModelConfig, precision: str) -> list[float]:
@@ -239,7 +244,8 @@ def plan_memory(
         grads *= 2  # DDP's buckets hold a second copy of the gradients
     optimizer = 8 * trainable / shard
 
-    per_block = activation_bytes_per_token(model, precision)
+    block_tensors = block_tensors_per_token(model, precision)
+    per_block = sum(block_tensors)
     if train.activation_checkpointing:  # each block's fp32 input, and one block recomputed
         acts = tokens * (model.n_layer * 4 * model.d_model + per_block)
     else:
@@ -255,7 +261,7 @@ def plan_memory(
         allocator = 0.0
     elif train.activation_checkpointing:
         made = heap_bytes([4 * model.d_model], tokens) * model.n_layer  # each block's input
-        made += heap_bytes(block_tensors_per_token(model, precision), tokens) + heap_bytes(gathered, 1)
+        made += heap_bytes(block_tensors, tokens) + heap_bytes(gathered, 1)
         allocator = CPU_CKPT_HEAP * made
     else:
         allocator = (CPU_HEAP - 1) * (acts + logits)
