@@ -246,8 +246,9 @@ def plan_memory(
 
     block_tensors = block_tensors_per_token(model, precision)
     per_block = sum(block_tensors)
-    if train.activation_checkpointing:  # each block's fp32 input, and one block recomputed
-        acts = tokens * (model.n_layer * 4 * model.d_model + per_block)
+    block_input = 4 * model.d_model  # per token: the fp32 residual stream a checkpointed block keeps
+    if train.activation_checkpointing:  # each block's input, and one block recomputed
+        acts = tokens * (model.n_layer * block_input + per_block)
     else:
         acts = tokens * model.n_layer * per_block
     if bf16 and not (device_kind == "cuda" and parallel in SHARDED_LAYOUTS):
@@ -260,7 +261,7 @@ def plan_memory(
     if device_kind != "cpu":
         allocator = 0.0
     elif train.activation_checkpointing:
-        made = heap_bytes([4 * model.d_model], tokens) * model.n_layer  # each block's input
+        made = heap_bytes([block_input], tokens) * model.n_layer
         made += heap_bytes(block_tensors, tokens) + heap_bytes(gathered, 1)
         allocator = CPU_CKPT_HEAP * made
     else:
